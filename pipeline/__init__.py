@@ -1,0 +1,1 @@
+"""Latent chain-of-thought training pipeline: data, models, methods, DeepSpeed strategy, training entry."""

@@ -1,0 +1,196 @@
+"""The one latent rollout: KV cache, attention masks and position ids for left-padded batches.
+
+Every method (training) and every latent adapter (evaluation) goes through these functions, so the
+mechanics that decide correctness live in one place:
+
+* prompts are left-padded, so all rows reach the start token in the same (last) column;
+* every forward gets an explicit 2-D attention mask (1 = real) and explicit position ids, so a row's
+  result does not depend on what else is in the batch (the reference CODI passes no mask);
+* a latent is the last-layer hidden state (after the final norm) at the last position, optionally
+  passed through a projection, fed back as the next input embedding over the KV cache;
+* rows that use fewer latents than the batch maximum get masked latent columns whose position ids
+  do not advance, so columns line up without changing the row's computation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+
+def positions_from_mask(mask: Tensor, start: Tensor | None = None) -> Tensor:
+    """Position ids that count only real tokens: `start + cumsum(mask) - 1`, clamped at `start`."""
+    pos = mask.long().cumsum(-1) - 1
+    if start is not None:
+        pos = pos + start[:, None]
+    floor = start[:, None] if start is not None else 0
+    return torch.maximum(pos, torch.as_tensor(floor, device=mask.device))
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token id lists → (ids [B, T], mask [B, T])."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token id lists → (ids [B, T], mask [B, T])."""
+    width = max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+@dataclass
+class RolloutState:
+    """Where a batch stands after some forwards over a KV cache."""
+    past_key_values: object        # transformers Cache
+    attention_mask: Tensor         # [B, T_so_far] over everything in the cache
+    next_position: Tensor          # [B] position id of the next real token
+    last_hidden: Tensor            # [B, d] last-layer hidden state at each row's last real token
+
+
+def forward_step(model, embeds: Tensor, mask: Tensor, state: RolloutState | None,
+                 output_hidden_states: bool = True):
+    """Run `model` on `embeds` [B, t, d] with mask [B, t] over the cache in `state`.
+
+    Returns (model output, new state). Position ids continue from the state; masked (padding)
+    columns do not advance them. The new `last_hidden` is taken at each row's last real column of
+    this chunk (rows with no real column in it keep their previous one).
+    """
+    start = state.next_position if state is not None else torch.zeros(embeds.shape[0], dtype=torch.long,
+                                                                      device=embeds.device)
+    position_ids = positions_from_mask(mask, start)
+    full_mask = mask if state is None else torch.cat([state.attention_mask, mask], dim=1)
+    out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
+                past_key_values=None if state is None else state.past_key_values,
+                use_cache=True, output_hidden_states=True)
+    hidden = out.hidden_states[-1]                                   # [B, t, d], after final norm
+    has_real = mask.sum(-1) > 0                                      # [B]
+    last_col = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)   # [B]
+    chunk_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_col]  # [B, d]
+    if state is not None:
+        chunk_last = torch.where(has_real[:, None], chunk_last, state.last_hidden)
+    new_state = RolloutState(past_key_values=out.past_key_values, attention_mask=full_mask,
+                             next_position=start + mask.sum(-1), last_hidden=chunk_last)
+    return out, new_state
+
+
+def rollout_latents(model, state: RolloutState, num_latents: int, *,
+                    project: Callable[[Tensor], Tensor] | None = None,
+                    active: Tensor | None = None) -> tuple[Tensor, RolloutState, list]:
+    """Feed `num_latents` continuous thoughts after the prefix already in `state`.
+
+    active: [B, n] bool/0-1, which latent slots each row really uses (None = all). Returns
+    (latent inputs [B, n, d], state after the last latent, per-step model outputs).
+    """
+    latents, outputs = [], []
+    batch = state.last_hidden.shape[0]
+    for k in range(num_latents):
+        source = state.last_hidden                                   # [B, d]
+        latent = project(source) if project is not None else source
+        column = (torch.ones(batch, 1, dtype=torch.long, device=latent.device) if active is None
+                  else active[:, k: k + 1].long())
+        out, state = forward_step(model, latent[:, None, :].to(_embed_dtype(model)), column, state)
+        latents.append(latent)
+        outputs.append(out)
+    if not latents:
+        return state.last_hidden.new_zeros(batch, 0, state.last_hidden.shape[-1]), state, outputs
+    return torch.stack(latents, dim=1), state, outputs
+
+
+def _embed_dtype(model) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
+def embed(model, ids: Tensor) -> Tensor:
+    return model.get_input_embeddings()(ids)
+
+
+@dataclass
+class LatentGeneration:
+    texts: list[str]
+    token_ids: list[list[int]]
+    num_generated: list[int]
+    latents: Tensor          # [B, n, d] latent inputs
+    latent_hidden: Tensor    # [B, n, d] last hidden states the latents were made from
+
+
+@torch.no_grad()
+def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: int,
+                          start_token: str | None, end_token: str | None,
+                          projection: Callable[[Tensor], Tensor] | None = None, max_new_tokens: int = 64,
+                          do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                          generator: torch.Generator | None = None) -> LatentGeneration:
+    """`prompt + start`, `num_latents` latents, `end`, then decode until EOS per row.
+
+    With `num_latents=0` and no start/end tokens this is plain explicit decoding, with the same
+    batch-invariant masking. The batch ends when every row has produced EOS.
+    """
+    device = model.get_input_embeddings().weight.device
+    ids = [tokenizer(p).input_ids for p in prompts]
+    if start_token is not None:
+        ids = [seq + [tokenizer.convert_tokens_to_ids(start_token)] for seq in ids]
+    prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    out, state = forward_step(model, embed(model, prompt_ids), prompt_mask, None)
+    hidden_before = []
+    if num_latents:
+        latents, state, _ = _rollout_recording(model, state, num_latents, projection, hidden_before)
+    else:
+        latents = state.last_hidden.new_zeros(len(prompts), 0, state.last_hidden.shape[-1])
+    if end_token is not None:
+        end = torch.full((len(prompts), 1), tokenizer.convert_tokens_to_ids(end_token), device=device)
+        out, state = forward_step(model, embed(model, end), torch.ones_like(end), state)
+    logits = out.logits[:, -1]
+    eos = tokenizer.eos_token_id
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    generated: list[list[int]] = [[] for _ in prompts]
+    for _ in range(max_new_tokens):
+        next_ids = _pick(logits.float(), do_sample, temperature, top_p, generator)        # [B]
+        for i in range(len(prompts)):
+            if not done[i]:
+                generated[i].append(int(next_ids[i]))
+        done |= next_ids == eos
+        if bool(done.all()):
+            break
+        step = next_ids[:, None]
+        out, state = forward_step(model, embed(model, step), torch.ones_like(step), state)
+        logits = out.logits[:, -1]
+    texts = [tokenizer.decode([t for t in g if t != eos], skip_special_tokens=True) for g in generated]
+    hidden = (torch.stack(hidden_before, 1) if hidden_before else latents)
+    return LatentGeneration(texts=texts, token_ids=generated, num_generated=[len(g) for g in generated],
+                            latents=latents, latent_hidden=hidden)
+
+
+def _rollout_recording(model, state, num_latents, projection, record: list):
+    def project(h: Tensor) -> Tensor:
+        record.append(h)
+        return projection(h) if projection is not None else h
+    return rollout_latents(model, state, num_latents, project=project)
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
+          generator: torch.Generator | None) -> Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,72 @@
+"""Method registry and the one nn.Module that holds every part a method trains.
+
+Each method is one module (`cot`, `coconut`, `codi`, `simcot`) exposing three plain functions,
+with no inheritance between methods:
+
+    build_parts(cfg: Config, loaded: LoadedModel) -> nn.ModuleDict
+        {"lm": causal LM (maybe peft), optional "projection", "decoder", "decoder_proj", ...}
+    make_collate(cfg: Config, loaded: LoadedModel, parts: nn.ModuleDict) -> Callable[[list[Example], int], dict]
+        examples + curriculum stage -> a batch dict of tensors (and plain python metadata)
+    compute_loss(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext)
+        -> tuple[Tensor, dict[str, Tensor]]   total loss and its named parts (detached for logging)
+
+The engine wraps `parts` in `MethodModule` so a single `deepspeed.initialize` covers the main model,
+the projection and the step decoder together, and calls `engine(batch, ctx)`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Callable
+
+from torch import Tensor, nn
+
+from pipeline.config import Config
+
+METHOD_MODULES = {"cot": "pipeline.methods.cot", "nocot": "pipeline.methods.cot",
+                  "coconut": "pipeline.methods.coconut", "codi": "pipeline.methods.codi",
+                  "simcot": "pipeline.methods.simcot"}
+
+
+def _single_process_max(value: int) -> int:
+    return value
+
+
+@dataclass
+class StepContext:
+    """What a loss step needs from outside the batch.
+
+    agree_max: all-reduce max of a data-dependent count across ranks (identity in one process);
+    every loop whose length depends on data must run `agree_max(n)` times on every rank.
+    """
+    agree_max: Callable[[int], int] = field(default=_single_process_max)
+    stage: int = 0          # Coconut curriculum stage
+    step: int = 0           # optimizer step, for logging
+
+
+def method_module(name: str) -> ModuleType:
+    if name not in METHOD_MODULES:
+        raise ValueError(f"method.name: unknown method {name!r}; choose one of: {', '.join(METHOD_MODULES)}")
+    return importlib.import_module(METHOD_MODULES[name])
+
+
+class MethodModule(nn.Module):
+    """All parts of a method under one module; forward = the method's loss step."""
+
+    def __init__(self, parts: nn.ModuleDict, loss_fn: Callable, cfg: Config):
+        super().__init__()
+        self.parts = parts
+        self._loss_fn = loss_fn
+        self._cfg = cfg
+
+    def forward(self, batch: dict, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        return self._loss_fn(self.parts, batch, self._cfg, ctx)
+
+
+def build_method(cfg: Config, loaded) -> tuple[MethodModule, Callable]:
+    """(MethodModule, collate) for the configured method."""
+    module = method_module(cfg.method.name)
+    parts = module.build_parts(cfg, loaded)
+    collate = module.make_collate(cfg, loaded, parts)
+    return MethodModule(parts, module.compute_loss, cfg), collate

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up the CPU environment (idempotent) and run the whole test suite.
+# Usage: bash scripts/run_tests.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_cpu.sh
+export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+VENV="${VENV:-.venv}"
+exec "$VENV/bin/python" -m pytest -q "$@"

@@ -6,6 +6,7 @@ LoRA), LoRA via peft, 4-bit (QLoRA) loading, dtype and attention implementation.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,12 @@ def add_latent_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """Add the latent tokens as real special tokens (idempotent) and return their ids."""
     missing = [t for t in LATENT_TOKENS.values() if t not in tokenizer.get_vocab()]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
+        # transformers 5 renamed additional_special_tokens to extra_special_tokens (and the flag).
+        if "replace_extra_special_tokens" in inspect.signature(tokenizer.add_special_tokens).parameters:
+            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        else:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing},
+                                         replace_additional_special_tokens=False)
     return {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in LATENT_TOKENS.items()}
 
 

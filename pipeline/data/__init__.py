@@ -21,9 +21,9 @@ from .readers import (
 from .sampling import epoch_shard, shard, shuffled_indices
 
 __all__ = [
+    "FORMATS",
     "DataFormatError",
     "Example",
-    "FORMATS",
     "FilterReport",
     "ReadResult",
     "apply_filters",

@@ -10,11 +10,11 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
-    "Example",
     "DataFormatError",
+    "Example",
+    "normalize_numeric_answer",
     "parse_calculator_steps",
     "strip_calculator_annotations",
-    "normalize_numeric_answer",
 ]
 
 # A GSM8K calculator annotation: "<<48/2=24>>". Non-greedy and single-line so that two

@@ -14,10 +14,10 @@ records and are ignored.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .example import (
     DataFormatError,
@@ -30,11 +30,11 @@ from .example import (
 __all__ = [
     "FORMATS",
     "ReadResult",
-    "read_gsm8k_aug",
     "read_gsm8k",
-    "read_prosqa",
-    "read_prontoqa",
+    "read_gsm8k_aug",
     "read_hf",
+    "read_prontoqa",
+    "read_prosqa",
     "read_source",
 ]
 
@@ -86,10 +86,10 @@ class _Collector:
     def full(self) -> bool:
         return self.max_examples is not None and len(self.result.examples) >= self.max_examples
 
-    def take(self, build: Callable[[], Example]) -> None:
-        """Run ``build``; keep its example, or handle its DataFormatError per the policy."""
+    def take(self, parse: Callable[..., Example], *args: Any) -> None:
+        """Run ``parse(*args)``; keep its example, or handle its DataFormatError per the policy."""
         try:
-            self.result.examples.append(build())
+            self.result.examples.append(parse(*args))
         except DataFormatError as err:
             if self.on_malformed == "error":
                 raise
@@ -199,7 +199,7 @@ def read_gsm8k_aug(
     for lineno, line in _iter_lines(path):
         if out.full:
             break
-        out.take(lambda: _parse_gsm8k_aug_line(line, f"{name}:{lineno}"))
+        out.take(_parse_gsm8k_aug_line, line, f"{name}:{lineno}")
     return out.result
 
 
@@ -226,16 +226,16 @@ def read_gsm8k(
     for lineno, line in _iter_lines(path):
         if out.full:
             break
-        where = f"{name}:{lineno}"
-        out.take(lambda: _parse_gsm8k_record(_loads(line, where), where))
+        out.take(_parse_gsm8k_line, line, f"{name}:{lineno}")
     return out.result
 
 
-def _loads(line: str, where: str) -> Any:
+def _parse_gsm8k_line(line: str, where: str) -> Example:
     try:
-        return json.loads(line)
+        rec = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataFormatError(where, f"invalid JSON ({err.msg} at column {err.colno})") from None
+    return _parse_gsm8k_record(rec, where)
 
 
 # --------------------------------------------------------------------------- JSON lists
@@ -267,7 +267,7 @@ def _read_steps_json(path: str | Path, on_malformed: str, max_examples: int | No
     for i, rec in enumerate(records):
         if out.full:
             break
-        out.take(lambda: _parse_steps_record(rec, f"{name}[{i}]"))
+        out.take(_parse_steps_record, rec, f"{name}[{i}]")
     return out.result
 
 
@@ -290,9 +290,7 @@ def read_prontoqa(
 def _hf_answer(rec: Mapping[str, Any], where: str) -> str:
     value = _require(rec, "answer", where)
     # Hub datasets sometimes store numeric answers as numbers; 18.0 must read as "18".
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
+    if isinstance(value, int):  # bool included: True -> "True"
         return str(value)
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() else repr(value)
@@ -366,8 +364,7 @@ def read_hf(
     for i, rec in enumerate(ds):
         if out.full:
             break
-        where = f"hf:{name}:{split}:{i}"
-        out.take(lambda: _parse_hf_record(rec, where))
+        out.take(_parse_hf_record, rec, f"hf:{name}:{split}:{i}")
     return out.result
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-__all__ = ["shuffled_indices", "shard", "epoch_shard"]
+__all__ = ["epoch_shard", "shard", "shuffled_indices"]
 
 
 def shuffled_indices(n: int, seed: int, epoch: int) -> list[int]:

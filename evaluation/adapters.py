@@ -53,8 +53,10 @@ class Adapter(Protocol):
 
 
 def prompt_for(inst: Instance) -> str:
-    """The text convention shared with training: ``question.strip() + "\\n"``."""
-    return inst.question.strip() + "\n"
+    """The text convention shared with training (:func:`pipeline.latent.question_prompt`)."""
+    from pipeline.latent import question_prompt
+
+    return question_prompt(inst.question)
 
 
 def batch_generator(seed: int, instances: Sequence[Instance], device="cpu"):
@@ -101,7 +103,7 @@ class OracleAdapter:
 
 
 class ConstantAdapter:
-    """Answers every question of a kind with the same answer (default: 0, A, True; ProsQA: none)."""
+    """Answers every question of a kind with the same answer (defaults: 0, A, True, a fixed ProsQA sentence)."""
 
     method, model_name, default_num_latents = "constant", "constant", None
     DEFAULTS = {"numeric": "0", "choice": "A", "bool": "True", "prosqa": "Tom is a wumpus."}
@@ -280,7 +282,7 @@ def _method_label(meta: dict) -> str:
 class LatentAdapter(_DecodingAdapter):
     """An exported Coconut / CODI / SIM-CoT model: ``question\\n<bot>`` · n latents · ``<eot>`` · decode."""
 
-    def __init__(self, model, tokenizer, *, num_latents: int, start_token: str | None, end_token: str | None,
+    def __init__(self, model, tokenizer, *, num_latents: int | None, start_token: str | None, end_token: str | None,
                  projection=None, method: str = "codi", model_name: str = "model", step_decoder=None,
                  decode: DecodeConfig | None = None, meta: dict | None = None) -> None:
         super().__init__(model, tokenizer, decode or DecodeConfig(max_new_tokens=64))
@@ -297,14 +299,15 @@ class LatentAdapter(_DecodingAdapter):
         ex = load_exported(str(path), dtype=dtype, device=device)
         _set_attn(ex.model, resolve_attn(attn, device))
         meta = ex.meta
-        return cls(ex.model, ex.tokenizer, num_latents=int(meta.get("num_latents", 0)),
+        explicit = meta.get("method") in ("cot", "nocot")     # same format, no latents to sweep
+        return cls(ex.model, ex.tokenizer, num_latents=None if explicit else int(meta.get("num_latents", 0)),
                    start_token=meta.get("start_token"), end_token=meta.get("end_token"),
                    projection=ex.projection, method=_method_label(meta),
                    model_name=model_name or meta.get("base_model") or str(path),
                    step_decoder=getattr(ex, "step_decoder", None), decode=decode, meta={**meta, "path": str(path)})
 
     def generate(self, instances, seed, num_latents=None):
-        n = self.default_num_latents if num_latents is None else num_latents
+        n = (self.default_num_latents or 0) if num_latents is None else num_latents
         return self._run([prompt_for(inst) for inst in instances], instances, seed, num_latents=n,
                          start_token=self.start_token, end_token=self.end_token, projection=self.projection)
 
@@ -312,7 +315,7 @@ class LatentAdapter(_DecodingAdapter):
         """The raw :class:`pipeline.latent.LatentGeneration` (greedy) — for the latent report."""
         from pipeline.latent import generate_with_latents
 
-        n = self.default_num_latents if num_latents is None else num_latents
+        n = (self.default_num_latents or 0) if num_latents is None else num_latents
         return generate_with_latents(self.model, self.tokenizer, [prompt_for(i) for i in instances],
                                      num_latents=n, start_token=self.start_token, end_token=self.end_token,
                                      projection=self.projection, max_new_tokens=self.decode.max_new_tokens)

@@ -91,12 +91,15 @@ def _walk_array(text: str, i: int, path: str) -> Iterator[tuple[int, Any]]:
     i = _skip_ws(text, i + 1)
     if i < len(text) and text[i] == "]":
         return
+    line, counted = _line_of(text, i), i          # counted incrementally: big files stay linear
     while True:
         try:
             value, end = dec.raw_decode(text, i)
         except json.JSONDecodeError as e:
             raise BenchmarkFormatError(path, e.lineno, None, f"invalid JSON: {e.msg}") from None
-        yield _line_of(text, i), value
+        line += text.count("\n", counted, i)
+        counted = i
+        yield line, value
         i = _skip_ws(text, end)
         if i < len(text) and text[i] == ",":
             i = _skip_ws(text, i + 1)
@@ -384,6 +387,11 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, *, limit: i
                              f"(or {spec.name}=hf:{spec.hf})")
         path = Path(data_dir or default_data_dir()) / spec.default_path
     path = str(path)
+    if path == "hf":
+        if spec.hf is None:
+            raise ValueError(f"benchmark {spec.name!r} has no default Hugging Face dataset; "
+                             "pass NAME=hf:owner/dataset[:config]:split")
+        path = f"hf:{spec.hf}"
     rows: Iterator[tuple[_Where, Any, bool]]
     if path.startswith("hf:"):
         rows = ((_Where(w, None), r, False) for w, r in _hf_rows(path[3:]))

@@ -152,7 +152,10 @@ def aggregate(cells: dict[tuple[str, int | None, int], dict]) -> list[dict]:
     out = []
     for (bench, n_lat), per_seed in groups.items():
         seeds = sorted(per_seed)
-        col = lambda key: [per_seed[s][key] for s in seeds if per_seed[s].get("n")]  # noqa: E731
+
+        def col(key: str, per_seed=per_seed, seeds=seeds) -> list[float]:
+            return [per_seed[s][key] for s in seeds if per_seed[s].get("n")]
+
         out.append({"benchmark": bench, "num_latents": n_lat, "n": per_seed[seeds[0]].get("n", 0),
                     "seeds": seeds, "per_seed": {str(s): per_seed[s] for s in seeds},
                     "accuracy": {"strict": _mean_std(col("accuracy_strict")),
@@ -229,7 +232,7 @@ def run(adapter, cfg: RunConfig, benchmarks: Sequence[Benchmark] | None = None) 
                 final = out / "samples" / bench.name / f"{name}.jsonl"
                 shard = (final if world == 1 else
                          out / "samples" / ".shards" / bench.name / f"{name}.rank{rank}.jsonl")
-                done = {r["id"] for r in read_rows(final)} | (
+                done = {r["id"] for r in read_rows(final, repair=rank == 0)} | (
                     {r["id"] for r in read_rows(shard)} if shard != final else set())
                 mine = [(i, inst) for i, inst in enumerate(bench.instances) if i % world == rank]
                 plan.append((bench, n_lat, seed, final, shard, [x for x in mine if x[1].id not in done]))
@@ -239,7 +242,7 @@ def run(adapter, cfg: RunConfig, benchmarks: Sequence[Benchmark] | None = None) 
     if cfg.progress and rank == 0 and total:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, unit="ex", desc="eval", dynamic_ncols=True)
-    for bench, n_lat, seed, final, shard, todo in plan:
+    for bench, n_lat, seed, _final, shard, todo in plan:
         if hasattr(adapter, "set_benchmark"):
             adapter.set_benchmark(bench.name)
         if bar is not None:

@@ -53,6 +53,26 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
+# --------------------------------------------------------------------------- text conventions
+# One place for how examples become text (docs/DESIGN.md), shared by training and evaluation.
+ANSWER_PREFIX = "The answer is: "
+
+
+def question_prompt(question: str) -> str:
+    """The question as every method sees it: stripped, then one newline before what follows."""
+    return question.strip() + "\n"
+
+
+def answer_text(answer: str) -> str:
+    """`ANSWER_PREFIX + answer`; the caller appends the EOS token id."""
+    return ANSWER_PREFIX + str(answer).strip()
+
+
+def cot_text(steps, answer: str) -> str:
+    """Explicit CoT target: one step per line, then the answer line (EOS appended by the caller)."""
+    return "".join(step + "\n" for step in steps) + answer_text(answer)
+
+
 @dataclass
 class RolloutState:
     """Where a batch stands after some forwards over a KV cache."""

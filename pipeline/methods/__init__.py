@@ -45,6 +45,21 @@ class StepContext:
     step: int = 0           # optimizer step, for logging
 
 
+@dataclass
+class MethodOutput:
+    """Everything one loss step computed; `compute_loss` returns `(loss, logs)` from it.
+
+    `per_row` holds each example's own value of every loss part (token mean within the row), which
+    must not depend on what else is in the batch; `latents` lets SIM-CoT and interpretability reuse
+    the rollout instead of running it twice.
+    """
+    loss: Tensor                                   # scalar that backward() gets
+    logs: dict[str, Tensor]                        # named parts, detached, for logging
+    per_row: dict[str, Tensor] = field(default_factory=dict)   # name -> [B]
+    latents: Tensor | None = None                  # [B, n, d] latent inputs fed back (after projection)
+    latent_active: Tensor | None = None            # [B, n] 1 where the row really uses latent column k
+
+
 def method_module(name: str) -> ModuleType:
     if name not in METHOD_MODULES:
         raise ValueError(f"method.name: unknown method {name!r}; choose one of: {', '.join(METHOD_MODULES)}")

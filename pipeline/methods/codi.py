@@ -1,0 +1,129 @@
+"""CODI: one network is teacher (explicit CoT) and student (continuous thoughts) in the same step.
+
+    teacher: question_prompt(Q) → cot_text(steps[:-1], A) + EOS                    CE on all of it
+    student: question_prompt(Q) <bot> · n latents · <eot> → answer_text(A) + EOS   CE on the answer
+             latent = projection(last hidden state), fed back over the KV cache
+    distill: at the position whose output predicts the first answer token (found from the
+             tokenization, see batching.first_answer_token), every layer's hidden state of the
+             student vs the *detached* teacher, SmoothL1 or L2, / teacher std, mean over layers
+    total:   α·CE_student + β·distill + γ·CE_teacher
+
+The teacher runs once, with gradients (its CE trains it); the distillation target is that same
+forward's hidden states, detached — not a second no_grad run with other dropout masks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import Config
+from pipeline.latent import embed, forward_step, positions_from_mask, rollout_latents
+from pipeline.losses import IGNORE_INDEX, layerwise_distill, reduce_tokens, token_ce
+from pipeline.methods import MethodOutput, StepContext
+from pipeline.methods.batching import (answer_segment, encode, encode_prompt, model_device, pad_batch,
+                                       suffix_logits, to_device)
+
+
+class LatentProjection(nn.Sequential):
+    """Linear(d, d') → GELU → Linear(d', d) → LayerNorm(d).
+
+    An nn.Sequential so its weights are saved as `projection.0.weight` … (docs/DESIGN.md). Inputs
+    are cast to the projection's dtype: it may keep fp32 weights next to a bf16 model.
+    """
+
+    def __init__(self, hidden_size: int, inner_size: int | None = None):
+        inner = inner_size or hidden_size
+        super().__init__(nn.Linear(hidden_size, inner), nn.GELU(), nn.Linear(inner, hidden_size),
+                         nn.LayerNorm(hidden_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self[0].weight.dtype))
+
+
+def build_parts(cfg: Config, loaded) -> nn.ModuleDict:
+    """{"lm"} plus {"projection"} when method.codi.projection (the default)."""
+    parts = nn.ModuleDict({"lm": loaded.model})
+    if cfg.method.codi.projection:
+        parts["projection"] = LatentProjection(loaded.hidden_size, cfg.method.codi.projection_inner_size)
+    return parts
+
+
+def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
+    tok = loaded.tokenizer
+    bot, eot, eos = loaded.token_ids["bot"], loaded.token_ids["eot"], tok.eos_token_id
+    include_last = cfg.method.codi.include_last_step
+
+    def collate(examples, stage: int = 0) -> dict:
+        t_prompts, t_suffixes, s_prompts, s_suffixes, s_labels = [], [], [], [], []
+        t_pos, s_pos = [], []
+        for ex in examples:
+            question = encode_prompt(tok, ex.question)
+            steps = list(ex.steps) if include_last else list(ex.steps)[:-1]
+            step_ids = encode(tok, "".join(s + "\n" for s in steps))
+            answer, first = answer_segment(tok, ex.answer)     # first: index of the answer's first token
+            t_prompts.append(question)
+            t_suffixes.append(step_ids + answer + [eos])
+            t_pos.append(len(step_ids) + first - 1)              # suffix column that predicts it
+            s_prompts.append(question + [bot])
+            s_suffixes.append([eot] + answer + [eos])
+            s_labels.append([IGNORE_INDEX] + answer + [eos])     # <eot> is given, not predicted
+            s_pos.append(first)                                  # = 1 + first - 1, after <eot>
+        batch = pad_batch(t_prompts, t_suffixes, t_suffixes, tok.pad_token_id, prefix="teacher_")
+        batch.update(pad_batch(s_prompts, s_suffixes, s_labels, tok.pad_token_id, prefix="student_"))
+        batch["teacher_pos"] = torch.tensor(t_pos, dtype=torch.long)              # [B], suffix coords
+        batch["student_pos"] = torch.tensor(s_pos, dtype=torch.long)              # [B], suffix coords
+        batch["latent_steps"] = [list(ex.steps) for ex in examples]               # for SIM-CoT
+        return batch
+
+    return collate
+
+
+def _gather(hidden_states: tuple[Tensor, ...], pos: Tensor) -> list[Tensor]:
+    """Each layer's [B, T, d] at one column per row → list of [B, d]."""
+    rows = torch.arange(pos.shape[0], device=pos.device)
+    return [h[rows, pos] for h in hidden_states]
+
+
+def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> MethodOutput:
+    cc = cfg.method.codi
+    lm = parts["lm"]
+    b = to_device(batch, model_device(lm))
+
+    # Teacher: one forward over [prompt ; CoT + answer], with gradients.
+    ids = torch.cat([b["teacher_prompt_ids"], b["teacher_suffix_ids"]], dim=1)     # [B, Tp + Ts]
+    mask = torch.cat([b["teacher_prompt_mask"], b["teacher_suffix_mask"]], dim=1)
+    teacher = lm(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+                 use_cache=False, output_hidden_states=True)
+    tp = b["teacher_prompt_ids"].shape[1]
+    t_loss, t_mask = token_ce(teacher.logits[:, tp - 1: -1], b["teacher_suffix_labels"])
+    teacher_h = [h.detach() for h in _gather(teacher.hidden_states, tp + b["teacher_pos"])]   # target only
+
+    # Student: prompt + <bot>, n projected latents over the KV cache, then <eot> + answer.
+    projection = parts["projection"] if "projection" in parts else None
+    _, state = forward_step(lm, embed(lm, b["student_prompt_ids"]), b["student_prompt_mask"], None)
+    latents, state, outs = rollout_latents(lm, state, cfg.method.num_latents, project=projection)
+    student, _ = forward_step(lm, embed(lm, b["student_suffix_ids"]), b["student_suffix_mask"], state)
+    s_loss, s_mask = token_ce(suffix_logits(outs[-1].logits[:, -1:], student.logits), b["student_suffix_labels"])
+    student_h = _gather(student.hidden_states, b["student_pos"])
+
+    ce_teacher, ce_student = reduce_tokens(t_loss, t_mask), reduce_tokens(s_loss, s_mask)
+    distill = layerwise_distill(student_h, teacher_h, kind=cc.distill_loss,
+                                normalize_by_teacher_std=cc.normalize_by_teacher_std)
+    loss = cc.alpha * ce_student + cc.beta * distill + cc.gamma * ce_teacher
+    with torch.no_grad():
+        per_row = {"ce_student": reduce_tokens(s_loss, s_mask, "none"),
+                   "ce_teacher": reduce_tokens(t_loss, t_mask, "none"),
+                   "distill": layerwise_distill(student_h, teacher_h, kind=cc.distill_loss,
+                                                normalize_by_teacher_std=cc.normalize_by_teacher_std,
+                                                reduction="none"),
+                   # without the batch std: a value of the row alone (batch-invariance checks)
+                   "distill_raw": layerwise_distill(student_h, teacher_h, kind=cc.distill_loss,
+                                                    normalize_by_teacher_std=False, reduction="none")}
+    logs = {"ce_student": ce_student.detach(), "distill": distill.detach(), "ce_teacher": ce_teacher.detach()}
+    active = torch.ones(latents.shape[:2], dtype=torch.long, device=latents.device)
+    return MethodOutput(loss=loss, logs=logs, per_row=per_row, latents=latents, latent_active=active)
+
+
+def compute_loss(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext):
+    out = run(parts, batch, cfg, ctx)
+    return out.loss, out.logs

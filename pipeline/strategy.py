@@ -1,0 +1,375 @@
+"""Every DeepSpeed call of the project, and the rank helpers methods use (OpenRLHF's DeepspeedStrategy).
+
+    init_distributed()                  # torchrun / deepspeed launcher / plain python (world size 1)
+    ds_config = build_ds_config(cfg, world_size)
+    strategy = Strategy(cfg)
+    strategy.prepare(method_module, total_steps)       # AdamW + schedule + one deepspeed.initialize
+    loss, parts = strategy.forward(batch, StepContext(agree_max=agree_max, ...))
+    strategy.backward(loss); strategy.step()
+
+Training always goes through DeepSpeed: `deepspeed.enabled: false` means the ZeRO-0 template on
+however many ranks were launched (world size 1 without a launcher), so there is one loop, one
+optimizer path and one checkpoint format. Method code never imports this module's deepspeed; it
+receives `agree_max` through its StepContext.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import sys
+from datetime import timedelta
+from functools import partial
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, ConfigError, resolve_ds_template
+
+# DeepSpeed picks its accelerator at import time; on a machine without CUDA say so explicitly
+# rather than relying on its auto-detection (which also probes for other accelerators).
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+# --------------------------------------------------------------------------- ranks
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def on_cpu() -> bool:
+    return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+
+
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int]:
+    """Start (or join) the process group; returns (rank, world size). Idempotent.
+
+    Works under torchrun and the deepspeed launcher (they set RANK/WORLD_SIZE/MASTER_*); a plain
+    `python` run becomes world size 1 on a free local port, because without these variables
+    DeepSpeed goes looking for mpi4py. NCCL on GPUs, gloo on CPU.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if on_cpu():
+            # init_distributed builds a shared-memory comm op on CPU (74-103 s cold) that training
+            # never uses. Patch the module object itself: `import deepspeed.comm.torch as m` would
+            # bind the *torch* package and silently patch nothing (docs: DEEPSPEED_ON_CPU.md).
+            sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+            # The deepspeed launcher does not set OMP_NUM_THREADS; oversubscribed ranks run 10-30x slower.
+            if "OMP_NUM_THREADS" not in os.environ:
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        else:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl",
+                                   timeout=timedelta(seconds=timeout_s), verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only. Never put a collective behind `if rank == 0`: use this instead."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def _device() -> torch.device:
+    return torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
+
+
+def agree_max(value: int) -> int:
+    """All ranks agree on the max of a data-dependent count (identity in a single process).
+
+    Every rank must call this the same number of times; loops of `agree_max(n)` iterations then
+    run the same forwards everywhere, which ZeRO-3 requires (a mismatch crashes or hangs).
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_reduce_mean(values: list[float]) -> list[float]:
+    """Mean of each value over ranks (logging). Every rank passes a list of the same length."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / dist.get_world_size()).tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- ds_config
+
+def _find_auto(node, path: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{path}.{k}" if path else k)]
+    return [path] if node == "auto" else []
+
+
+def _fill(ds: dict, key: str, value, source: str) -> None:
+    """Fill an "auto" (or absent) entry; a concrete template value must agree with the config."""
+    current = ds.get(key, "auto")
+    if current != "auto" and current != value:
+        raise ConfigError(f"deepspeed.template: {key} is {current} in the template but {source} gives {value}; "
+                          f"set it to \"auto\" in the template or change {source}")
+    ds[key] = value
+
+
+def build_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None) -> dict:
+    """The final ds_config: the template with every "auto" DeepSpeed cannot resolve filled in.
+
+    Batch: micro = train.per_device_train_batch_size, accumulation =
+    train.gradient_accumulation_steps, train_batch_size = micro x accumulation x world size (and
+    deepspeed.train_batch_size, when set, must equal it). Clipping = train.max_grad_norm,
+    precision = model.dtype (bf16 keeps fp32 master weights in DeepSpeed's optimizer wrappers).
+    ZeRO bucket sizes left "auto" are derived from `hidden_size` as transformers does.
+    """
+    ds_cfg, train = cfg.deepspeed, cfg.train
+    template = resolve_ds_template(ds_cfg.template if ds_cfg.enabled else "zero0")
+    ds = json.loads(template.read_text())
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"deepspeed.template: {template} has an '{section}' section; the engine builds "
+                              f"AdamW and the schedule from train.* (remove the section)")
+    micro, accum = train.per_device_train_batch_size, train.gradient_accumulation_steps
+    global_batch = micro * accum * world_size
+    if ds_cfg.train_batch_size is not None and ds_cfg.train_batch_size != global_batch:
+        raise ConfigError(f"deepspeed.train_batch_size: {ds_cfg.train_batch_size} must equal "
+                          f"per_device_train_batch_size ({micro}) x gradient_accumulation_steps ({accum}) "
+                          f"x world size ({world_size}) = {global_batch}")
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, "train.per_device_train_batch_size")
+    _fill(ds, "gradient_accumulation_steps", accum, "train.gradient_accumulation_steps")
+    _fill(ds, "train_batch_size", global_batch,
+          f"train.per_device_train_batch_size x train.gradient_accumulation_steps x world size {world_size}")
+    _fill(ds, "gradient_clipping", train.max_grad_norm, "train.max_grad_norm")
+    bf16 = cfg.model.dtype == "bf16"
+    ds.setdefault("bf16", {})
+    _fill(ds["bf16"], "enabled", bf16, "model.dtype")
+    if "fp16" in ds:
+        _fill(ds["fp16"], "enabled", False, "model.dtype (fp16 is not supported; use bf16)")
+
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    if ds_cfg.enabled and ds_cfg.zero_stage is not None:
+        zero["stage"] = ds_cfg.zero_stage
+    if hidden_size is not None:
+        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                           ("stage3_param_persistence_threshold", 10 * hidden_size)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # We hand DeepSpeed a torch AdamW instance (no CPU-Adam compile, per-group learning rates);
+        # with optimizer offload DeepSpeed refuses a client optimizer unless told this is intended.
+        ds["zero_force_ds_cpu_optimizer"] = False
+    left = _find_auto(ds)
+    if left:
+        raise ConfigError(f"deepspeed.template: {template} leaves {', '.join(left)} as \"auto\", which neither the "
+                          "config nor DeepSpeed resolves; give concrete values")
+    return ds
+
+
+# --------------------------------------------------------------------------- optimizer pieces
+
+def param_group_name(name: str) -> str:
+    """`decoder`, `projection` or `main`, by the MethodModule parameter name `parts.<part>.…`.
+
+    A part whose name starts with `decoder` (the SIM-CoT step decoder and its input projection)
+    or a LoRA adapter named `decoder…` (the shared-weights decoder) trains at
+    train.decoder_learning_rate; the `projection` part at train.projection_learning_rate.
+    """
+    pieces = name.split(".")
+    part = pieces[1] if len(pieces) > 1 and pieces[0] == "parts" else pieces[0]
+    if part.startswith("decoder") or any(p.startswith("decoder") and prev.startswith("lora_")
+                                          for prev, p in zip(pieces, pieces[1:])):
+        return "decoder"
+    if part == "projection":
+        return "projection"
+    return "main"
+
+
+def param_groups(module: nn.Module, cfg: Config) -> list[dict]:
+    """AdamW groups: (main | decoder | projection) x (decay | no decay); frozen params left out.
+
+    Biases and norm weights (1-D tensors) get no weight decay, as in transformers' Trainer.
+    """
+    train = cfg.train
+    lrs = {"main": train.learning_rate,
+           "decoder": train.decoder_learning_rate or train.learning_rate,
+           "projection": train.projection_learning_rate or train.learning_rate}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind, decay = param_group_name(name), p.ndim >= 2
+        group = groups.setdefault((kind, decay), {
+            "params": [], "lr": lrs[kind], "weight_decay": train.weight_decay if decay else 0.0,
+            "name": f"{kind}{'' if decay else '_no_decay'}"})
+        group["params"].append(p)
+    if not groups:
+        raise ValueError("the method module has no trainable parameters")
+    return list(groups.values())
+
+
+def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
+    """Multiplier of each group's learning rate at optimizer step `step` (transformers' schedules)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def warmup_steps(cfg: Config, total_steps: int) -> int:
+    return math.ceil(cfg.train.warmup_ratio * total_steps)
+
+
+# --------------------------------------------------------------------------- the strategy
+
+class Strategy:
+    """One deepspeed.initialize around the whole MethodModule, plus the calls the loop needs."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world_size = init_distributed()
+        self.engine = None
+        self.optimizer: torch.optim.AdamW | None = None
+        self.ds_config: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return _device()
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def prepare(self, module: nn.Module, total_steps: int, hidden_size: int | None = None):
+        """AdamW (fp32 state; per-part learning rates), warm-up + decay schedule, deepspeed.initialize.
+
+        Frozen parts (a teacher target, a frozen base) live in the same module so ZeRO-3 partitions
+        them too; they are simply not in the optimizer.
+        """
+        self.ds_config = build_ds_config(self.cfg, self.world_size, hidden_size)
+        print0("ds_config: " + json.dumps(self.ds_config, sort_keys=True))
+        # A torch AdamW instance: DeepSpeed compiles nothing (its CPU Adam takes ~135 s to build).
+        self.optimizer = torch.optim.AdamW(param_groups(module, self.cfg), lr=self.cfg.train.learning_rate,
+                                           betas=(0.9, 0.999), eps=1e-8)
+        factor = partial(lr_factor, warmup=warmup_steps(self.cfg, total_steps), total=total_steps,
+                         kind=self.cfg.train.lr_scheduler_type)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer,
+                                                    lr_scheduler=scheduler, config=self.ds_config)
+        return self.engine
+
+    # ---- the step
+    def to_device(self, batch):
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device)
+        if isinstance(batch, dict):
+            return {k: self.to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.to_device(v) for v in batch)
+        return batch
+
+    def forward(self, batch: dict, ctx):
+        return self.engine(self.to_device(batch), ctx)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        """Optimizer step at accumulation boundaries (DeepSpeed counts micro steps); True if it stepped."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return boundary
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def learning_rates(self) -> dict[str, float]:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
+    def reset_optimizer(self) -> None:
+        """Forget AdamW moments (Coconut stage change). The schedule continues.
+
+        DeepSpeed's wrappers keep our AdamW instance (over their fp32 partitions) and torch
+        initialises the state lazily, so clearing it restarts the moments on every rank.
+        """
+        self.optimizer.state.clear()
+
+    # ---- checkpoints (tags, RNG and pruning are pipeline.checkpoint's job)
+    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+        # Frozen weights are rebuilt from model.name_or_path + seed on resume, so they are not saved
+        # (a frozen 8B base would otherwise be written at every checkpoint).
+        self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False,
+                                    exclude_frozen_parameters=self.has_frozen())
+
+    def load_checkpoint(self, root: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(root, tag=tag, load_module_strict=not self.has_frozen())
+        return client_state or {}
+
+    def has_frozen(self) -> bool:
+        return any(not p.requires_grad for p in self.engine.module.parameters())
+
+    # ---- export helpers
+    def full_state_dict(self) -> dict | None:
+        """The whole module's state dict on CPU, on rank 0 (None elsewhere). Call on every rank."""
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+
+    @contextlib.contextmanager
+    def gathered(self, params):
+        """Full (unpartitioned) parameters inside the block under ZeRO-3, read-only; every rank enters."""
+        if self.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+                yield
+        else:
+            yield
+
+
+def zero_checkpoint_state_dict(checkpoint_dir: str, tag: str) -> dict:
+    """fp32 trainable weights from a checkpoint written by any ZeRO stage, read offline (no ranks)."""
+    from pathlib import Path
+
+    files = list((Path(checkpoint_dir) / tag).glob("*optim_states.pt"))
+    if files and any("zero_pp_rank" in f.name or "bf16_zero" in f.name for f in files):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag, exclude_frozen_parameters=True)
+    states = torch.load(Path(checkpoint_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}

@@ -1,0 +1,318 @@
+"""Training entry point: config → data → method → DeepSpeed loop → checkpoints → export.
+
+    latent-train                                         # embedded default: tiny LLaMA CoT-SFT on CPU
+    latent-train --config recipes/configs/gpt2_coconut.yaml train.learning_rate=1e-4
+    torchrun --nproc_per_node 2 -m pipeline.train --config … deepspeed.enabled=true deepspeed.template=zero3
+    latent-train --plan --config recipes/configs/llama8b_simcot.yaml deepspeed.world_size=8
+    latent-train --export-from runs/x/checkpoints/step_100 runs/x/export_100   # offline, no ranks
+
+Every run goes through DeepSpeed (ZeRO-0 when `deepspeed.enabled` is false; world size 1 without a
+launcher), so one loop serves a laptop and a cluster. Outputs in `train.output_dir`: config.yaml,
+train_log.jsonl, metrics.json, checkpoints/, export/ and (tiny models) tokenizer/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, ConfigError, dump_config, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="latent-train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="YAML config (defaults: the embedded tiny CoT-SFT run)")
+    p.add_argument("--plan", action="store_true", help="print the memory plan and exit (loads no weights)")
+    p.add_argument("--export-from", nargs=2, metavar=("CKPT_DIR", "OUT_DIR"),
+                   help="export a checkpoint (output_dir/checkpoints/step_N) offline and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.export_from:
+            from pipeline.export import export_from_checkpoint
+            export_from_checkpoint(args.export_from[0], args.export_from[1], args.config, args.overrides)
+            return 0
+        cfg = load_config(args.config, args.overrides)   # fails here, before anything heavy loads
+        if args.plan:
+            from pipeline.plan import format_plan, make_plan
+            print(format_plan(make_plan(cfg, args.config)))
+            return 0
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    result = run(cfg)
+    return 0 if result["step"] >= result["total_steps"] or result["interrupted"] else 1
+
+
+# --------------------------------------------------------------------------- setup helpers
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_run_tokenizer(cfg: Config, output_dir: str | Path):
+    """The run's tokenizer; tiny models build one from the shipped fixtures into output_dir/tokenizer
+    (rank 0 builds, the others wait and read it)."""
+    from pipeline.models import load_tokenizer
+    from pipeline.strategy import barrier, is_rank0
+    from pipeline.tokenizer_build import default_tokenizer_texts
+
+    build_dir = Path(output_dir) / "tokenizer"
+    if is_rank0():
+        load_tokenizer(cfg.model, build_dir=build_dir, build_texts=default_tokenizer_texts())
+    barrier()
+    return load_tokenizer(cfg.model, build_dir=build_dir, build_texts=default_tokenizer_texts())
+
+
+def load_examples(cfg: Config, tokenizer, log=print) -> list:
+    """Every train source read, malformed records counted, filters applied and logged."""
+    from pipeline.data import apply_filters, read_source
+    from pipeline.latent import cot_text, question_prompt
+
+    examples = []
+    for i, src in enumerate(cfg.data.train):
+        result = read_source(src.format, src.path, src.split, cfg.data.on_malformed, src.max_examples)
+        log(f"data.train.{i}: {len(result.examples)} examples from {src.path}"
+            + (f" ({len(result.skipped)} malformed skipped)" if result.skipped else ""))
+        examples += result.examples
+
+    def count_tokens(ex) -> int:   # the explicit (teacher) sequence, the longest any method trains
+        return len(tokenizer(question_prompt(ex.question) + cot_text(ex.steps, ex.answer)).input_ids) + 1
+
+    kept, _ = apply_filters(examples, drop_last_step=cfg.data.drop_last_step,
+                            require_digit_answer=cfg.data.require_digit_answer, max_tokens=cfg.data.max_tokens,
+                            count_tokens=count_tokens if cfg.data.max_tokens else None, log=log)
+    return kept
+
+
+def build_module(cfg: Config, tokenizer):
+    """(MethodModule, collate, LoadedModel), seeded so every rank and every rebuild is identical."""
+    from pipeline.methods import build_method
+    from pipeline.models import load_model
+
+    set_seed(cfg.train.seed)
+    loaded = load_model(cfg.model, tokenizer)
+    module, collate = build_method(cfg, loaded)
+    return module, collate, loaded
+
+
+def curriculum_stage(cfg: Config, epoch: int) -> int:
+    """Coconut stage of an epoch (also SIM-CoT on Coconut); 0 for single-stage methods."""
+    from pipeline.methods import method_module
+
+    if cfg.method.name == "coconut" or (cfg.method.name == "simcot" and cfg.method.simcot.base == "coconut"):
+        return method_module("coconut").stage_for_epoch(epoch, cfg)
+    return 0
+
+
+def count_tokens(batch: dict) -> int:
+    """Real (unpadded) input tokens of a batch: the sum of its 2-D `*_mask` tensors."""
+    return int(sum(v.sum() for k, v in batch.items()
+                   if k.endswith("_mask") and isinstance(v, torch.Tensor) and v.dim() == 2))
+
+
+def schedule(cfg: Config, n_examples: int, world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps). Incomplete micro batches and accumulation groups
+    at an epoch's end are dropped, so every rank and every world size steps on full global batches."""
+    train = cfg.train
+    per_rank = math.ceil(n_examples / world)
+    steps_per_epoch = per_rank // train.per_device_train_batch_size // train.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.per_device_train_batch_size: {n_examples} examples over {world} ranks give no "
+                          f"full step of {train.per_device_train_batch_size} x "
+                          f"{train.gradient_accumulation_steps} (accumulation) per rank; lower them")
+    return steps_per_epoch, train.max_steps or steps_per_epoch * train.num_train_epochs
+
+
+# --------------------------------------------------------------------------- logging
+
+def memory_mb() -> float:
+    """Peak CUDA memory allocated on GPU; current resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RunLog:
+    """Rank 0 only: tqdm bar, output_dir/train_log.jsonl, TensorBoard and wandb when requested."""
+
+    def __init__(self, cfg: Config, out: Path, total: int, start_step: int):
+        from pipeline.strategy import is_rank0
+
+        self.active, self.last_loss = is_rank0(), None
+        self.bar = self.tb = self.wandb = None
+        if not self.active:
+            return
+        from tqdm.auto import tqdm
+
+        self.jsonl = open(out / "train_log.jsonl", "a")
+        self.bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True)
+        if "tensorboard" in cfg.train.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if "wandb" in cfg.train.report_to:
+            try:
+                import wandb
+                self.wandb = wandb.init(project="latent-cot", dir=str(out), config=dataclasses.asdict(cfg))
+            except ImportError:
+                print("train.report_to: wandb is not installed; logging to JSONL/TensorBoard only", flush=True)
+
+    def write(self, state, *, loss: float, parts: dict, lrs: dict, grad_norm, tokens_per_s: float,
+              samples_per_s: float) -> None:
+        self.last_loss = loss
+        if not self.active:
+            return
+        record = {"step": state.step, "epoch": state.epoch, "stage": state.stage, "loss": loss,
+                  **{f"loss/{k}": v for k, v in parts.items()}, **{f"lr/{k}": v for k, v in lrs.items()},
+                  "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "samples_per_s": samples_per_s,
+                  "memory_mb": memory_mb(), "samples": state.samples, "time": time.time()}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{next(iter(lrs.values())):.2e}", tok_s=f"{tokens_per_s:.0f}")
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, state.step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=state.step)
+
+    def tick(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.bar.close()
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# --------------------------------------------------------------------------- the run
+
+def run(cfg: Config, on_end=None) -> dict:
+    """Train (resuming when a checkpoint exists), checkpoint, export; returns the run's summary.
+
+    `on_end(strategy, tokenizer)`, when given, runs on every rank with the engine still live
+    (tests compare the live model with its export there).
+    """
+    from pipeline import checkpoint
+    from pipeline.data import epoch_shard
+    from pipeline.methods import StepContext
+    from pipeline.strategy import Strategy, agree_max, all_reduce_mean, barrier, print0
+
+    strategy = Strategy(cfg)                     # joins / starts the process group
+    rank, world = strategy.rank, strategy.world_size
+    out = Path(cfg.train.output_dir)
+    if rank == 0:
+        print0(dump_config(cfg, out / "config.yaml"))
+    barrier()
+    tokenizer = load_run_tokenizer(cfg, out)
+    examples = load_examples(cfg, tokenizer, log=print0)
+    module, collate, loaded = build_module(cfg, tokenizer)
+    steps_per_epoch, total = schedule(cfg, len(examples), world)
+    strategy.prepare(module, total, hidden_size=loaded.hidden_size)
+    state = checkpoint.load(strategy, out) if cfg.train.resume else None
+    resumed = state is not None
+    state = state or checkpoint.TrainState()
+    print0(f"{len(examples)} examples, world size {world}, {steps_per_epoch} steps/epoch, {total} steps"
+           + (f"; resumed at step {state.step}" if resumed else ""))
+
+    stop = {"requested": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    micro, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
+    log = RunLog(cfg, out, total, start_step=state.step)
+    last_saved = state.step if resumed else -1
+    window: list[list[float]] = []                # per micro step: [loss, *parts, tokens]
+    part_names: list[str] | None = None
+    interrupted = False
+    t_window = time.time()
+    while state.step < total and not interrupted:
+        stage = curriculum_stage(cfg, state.epoch)
+        if stage != state.stage:
+            if cfg.method.coconut.reset_optimizer_on_stage_change:
+                strategy.reset_optimizer()
+            print0(f"epoch {state.epoch}: curriculum stage {state.stage} -> {stage}")
+            state.stage = stage
+        order = epoch_shard(len(examples), cfg.train.seed, state.epoch, rank, world)
+        usable = steps_per_epoch * accum
+        for mb in range(state.micro_in_epoch, usable):
+            batch = collate([examples[i] for i in order[mb * micro:(mb + 1) * micro]], stage)
+            ctx = StepContext(agree_max=agree_max, stage=stage, step=state.step)
+            loss, parts = strategy.forward(batch, ctx)
+            strategy.backward(loss)
+            lrs = strategy.learning_rates()        # the rates this step uses (the schedule moves in step())
+            stepped = strategy.step()
+            part_names = part_names or sorted(parts)
+            window.append([float(loss.detach())] + [float(parts[k]) for k in part_names] + [count_tokens(batch)])
+            state.micro_in_epoch = mb + 1
+            if not stepped:
+                continue
+            state.step += 1
+            state.samples += micro * accum * world
+            if state.step % cfg.train.logging_steps == 0 or state.step == total:
+                # Collective on every rank; only rank 0 writes.
+                means = all_reduce_mean(np.mean(window, axis=0).tolist() + [sum(w[-1] for w in window)])
+                elapsed = max(time.time() - t_window, 1e-9)
+                steps_in_window = len(window) / accum
+                log.write(state, loss=means[0], parts=dict(zip(part_names, means[1:-2])),
+                          lrs=lrs, grad_norm=strategy.grad_norm(),
+                          tokens_per_s=means[-1] * world / elapsed,
+                          samples_per_s=steps_in_window * micro * accum * world / elapsed)
+                window, t_window = [], time.time()
+            log.tick(state.step)
+            save_now = cfg.train.save_steps and state.step % cfg.train.save_steps == 0
+            if agree_max(int(stop["requested"])):
+                print0(f"SIGTERM: saving at step {state.step} and exiting")
+                save_now, interrupted = True, True
+            if save_now:
+                checkpoint.save(strategy, out, state, cfg.train.save_total_limit)
+                last_saved = state.step
+            if state.step >= total or interrupted:
+                break
+        if state.micro_in_epoch >= usable:
+            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+    signal.signal(signal.SIGTERM, previous)
+    if last_saved != state.step:
+        checkpoint.save(strategy, out, state, cfg.train.save_total_limit)
+    if cfg.train.export and not interrupted:
+        from pipeline.export import export_live
+        export_live(strategy, cfg, tokenizer, out / "export")
+    if on_end is not None:
+        on_end(strategy, tokenizer)
+    result = {"step": state.step, "total_steps": total, "epoch": state.epoch, "stage": state.stage,
+              "final_loss": log.last_loss, "interrupted": interrupted, "world_size": world,
+              "zero_stage": strategy.zero_stage, "resumed": resumed}
+    if rank == 0:
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    log.close()
+    barrier()
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

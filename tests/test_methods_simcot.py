@@ -1,0 +1,174 @@
+"""SIM-CoT: step alignment, padding, one decoder forward per step on every batch, decoder kinds,
+dropping the decoder for inference, and reading latents as text.
+
+Each of the reference bugs listed in docs METHODS.md is pinned here:
+  1 batch step targets truncated to the first row's length  → test_rows_keep_all_their_step_tokens
+  2 decoder skipped when a batch has no target              → test_decoder_runs_once_even_without_targets
+  3 one decoder forward per latent in a Python loop         → test_decoder_runs_once_even_without_targets
+  4 step boundaries from hard-coded token ids               → test_step_targets_are_tokenized_step_texts
+  5 Coconut variant never trains the decoder                → test_methods_learning.py
+"""
+import pytest
+import torch
+from conftest import make_cfg
+
+from pipeline.data import Example
+from pipeline.interpret import explain_latents
+from pipeline.methods import StepContext, simcot
+from pipeline.methods.step_decoder import ADAPTER_NAME, align_steps, encode_targets
+
+
+def ex(steps, question="Tom has 3 apples and buys 4 more. How many?", answer="7"):
+    return Example(question=question, steps=tuple(steps), answer=answer, source_id="inline")
+
+
+def test_align_latent_k_with_step_k_merge_tail_and_mask_extra():
+    assert align_steps(["a", "b", "c"], 3) == ["a", "b", "c"]
+    assert align_steps(["a", "b", "c", "d", "e"], 3) == ["a", "b", "c d e"]       # tail merged into the last
+    assert align_steps(["a"], 3) == ["a", None, None]                             # extra latents: no target
+    assert align_steps([], 2) == [None, None]
+    assert align_steps(["a", "b"], 0) == []
+    # Coconut's c latents per step: latents 2k, 2k+1 <-> step k.
+    assert align_steps(["a", "b"], 4, latents_per_step=2) == ["a", "a", "b", "b"]
+    assert align_steps(["a", "b", "c"], 4, latents_per_step=2) == ["a", "a", "b c", "b c"]
+
+
+def test_rows_keep_all_their_step_tokens(tokenizer):
+    """Bug 1: the first row's short steps must not truncate the second row's long ones."""
+    targets = [["<<1+1=2>>", None], ["<<1234*5678=7006652>>", "<<7006652-1=7006651>>"]]
+    out = encode_targets(targets, tokenizer, max_tokens=64)
+    eos = tokenizer.eos_token
+    assert out["step_ids"].shape[:2] == (2, 2)
+    assert out["step_has_target"].tolist() == [[1, 0], [1, 1]]
+    for i, row in enumerate(targets):
+        for k, text in enumerate(row):
+            if text is None:
+                assert out["step_mask"][i, k].sum() == 0
+                continue
+            ids = out["step_ids"][i, k][out["step_mask"][i, k].bool()].tolist()
+            assert tokenizer.decode(ids) == text + eos
+
+
+def test_step_targets_are_tokenized_step_texts(build, tokenizer):
+    """Bug 4: steps come from the examples' text, each step tokenized, for whatever tokenizer."""
+    built = build(make_cfg("simcot", simcot__decoder="full"))
+    examples = [ex(["<<3+4=7>>"]), ex(["<<2*3=6>>", "<<6+1=7>>", "<<7-2=5>>", "<<5*2=10>>"], answer="10")]
+    batch = built.collate(examples, 0)
+    n = built.cfg.method.num_latents                    # 3 latents
+    assert batch["step_ids"].shape[:2] == (2, n)
+    expected = [align_steps(e.steps, n) for e in examples]
+    assert expected[1] == ["<<2*3=6>>", "<<6+1=7>>", "<<7-2=5>> <<5*2=10>>"]
+    for i in range(2):
+        for k in range(n):
+            mask = batch["step_mask"][i, k].bool()
+            text = tokenizer.decode(batch["step_ids"][i, k][mask].tolist())
+            assert text == ("" if expected[i][k] is None else expected[i][k] + tokenizer.eos_token)
+
+
+@pytest.mark.parametrize("base", ["codi", "coconut"])
+def test_latent_k_is_paired_with_step_k_in_the_decoder_input(build, gsm_examples, base):
+    built = build(make_cfg("simcot", simcot__decoder="full", simcot__base=base))
+    stage = 3
+    examples = gsm_examples[2:6]
+    batch = built.collate(examples, stage)
+    seen = {}
+    handle = built.parts["decoder"].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        out = simcot.run(built.parts, batch, built.cfg, StepContext(stage=stage))
+    finally:
+        handle.remove()
+    bsz, n, _ = out.latents.shape
+    embeds = seen["inputs_embeds"]                                   # [B·n, 1 + L, d]
+    assert embeds.shape[0] == bsz * n
+    table = built.parts["decoder"].get_input_embeddings()
+    for i in range(bsz):
+        for k in range(n):
+            r = i * n + k
+            torch.testing.assert_close(embeds[r, 0], out.latents[i, k])          # latent k of row i ...
+            mask = batch["step_mask"][i, k].bool()
+            torch.testing.assert_close(embeds[r, 1:][mask], table(batch["step_ids"][i, k][mask]))  # ... step k
+            assert seen["attention_mask"][r, 1:].tolist() == batch["step_mask"][i, k].tolist()
+
+
+@pytest.mark.parametrize("base,stage", [("codi", 0), ("coconut", 2), ("coconut", 0)])
+def test_decoder_runs_once_even_without_targets(build, gsm_examples, base, stage):
+    """Bugs 2 and 3: one decoder forward per training step, [B·n, 1+L], also when no row has a step
+    target (then its loss is exactly 0 and the decoder still gets (zero) gradients)."""
+    built = build(make_cfg("simcot", simcot__decoder="full", simcot__base=base))
+    shapes = []
+    handle = built.parts["decoder"].register_forward_pre_hook(
+        lambda m, args, kwargs: shapes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    try:
+        for examples in (gsm_examples[:3], [ex([]), ex([], answer="8")]):
+            shapes.clear()
+            built.parts.zero_grad(set_to_none=True)
+            batch = built.collate(examples, stage)
+            loss, logs = simcot.compute_loss(built.parts, batch, built.cfg, StepContext(stage=stage))
+            loss.backward()
+            assert len(shapes) == 1
+            n = batch["latent_active"].shape[1] if base == "coconut" else built.cfg.method.num_latents
+            width = 1 + batch["step_ids"].shape[2]
+            assert shapes[0] == ((len(examples) * n, width) if n else (1, 2))
+            has_targets = bool(batch["step_has_target"].any())
+            assert (logs["step_decoder"] > 0) == has_targets
+            grads = [p.grad for p in built.parts["decoder"].parameters()]
+            assert all(g is not None for g in grads)           # in the graph on every rank
+            if not has_targets:
+                assert all(g.abs().sum() == 0 for g in grads)
+    finally:
+        handle.remove()
+
+
+def test_shared_decoder_adds_only_adapter_parameters(build, tokenizer):
+    cfg = make_cfg("codi")
+    plain = sum(p.numel() for p in build(cfg).parts.parameters())
+    built = build(make_cfg("simcot", simcot__decoder="shared", simcot__decoder_lora_r=2))
+    names = [n for n, _ in built.parts.named_parameters()]
+    added = [n for n in names if f".{ADAPTER_NAME}" in n]
+    assert added and all("lora_" in n for n in added)
+    assert sum(p.numel() for p in built.parts.parameters()) - plain == sum(
+        p.numel() for n, p in built.parts.named_parameters() if n in added)
+
+
+@pytest.mark.parametrize("kind", ["full", "shared", "separate"])
+def test_decoder_is_dropped_for_inference(build, gsm_examples, kind):
+    built = build(make_cfg("simcot", simcot__decoder=kind, simcot__decoder_model="tiny-llama"))
+    batch = built.collate(gsm_examples[:2], 0)
+    with torch.no_grad():
+        before = simcot.run(built.parts, batch, built.cfg, StepContext()).logs
+    kept = simcot.inference_parts(built.parts)
+    assert set(kept) == {"lm", "projection"}
+    assert not any(ADAPTER_NAME in n for n, _ in kept.named_parameters())
+    from pipeline.methods import codi
+    with torch.no_grad():        # the base method is untouched by removing the decoder
+        after = codi.run(kept, batch, built.cfg, StepContext()).logs
+    for key in after:
+        torch.testing.assert_close(after[key], before[key])
+
+
+@pytest.mark.parametrize("kind,base", [("full", "codi"), ("shared", "codi"), ("separate", "codi"),
+                                       ("shared", "coconut")])
+def test_interpret_latents_as_text_and_tokens(build, kind, base):
+    built = build(make_cfg("simcot", simcot__decoder=kind, simcot__decoder_model="tiny-llama", simcot__base=base))
+    questions = ["Tom has 3 apples and buys 4 more. How many?", "What is 2 times 6?"]
+    rows = explain_latents(built.loaded, built.parts, built.cfg, questions, top_k=3, max_new_tokens=5)
+    n = built.cfg.method.num_latents if base == "codi" else 3 * 1
+    assert len(rows) == 2 and all(len(r) == n for r in rows)
+    for row in rows:
+        for item in row:
+            assert isinstance(item.step_text, str)
+            assert len(item.top_tokens) == 3
+            probs = [p for _, p in item.top_tokens]
+            assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    # Batch invariant too: the second question alone reads the same.
+    alone = explain_latents(built.loaded, built.parts, built.cfg, questions[1:], top_k=3, max_new_tokens=5)
+    assert [x.step_text for x in alone[0]] == [x.step_text for x in rows[1]]
+    assert [t for t, _ in alone[0][0].top_tokens] == [t for t, _ in rows[1][0].top_tokens]
+    assert built.parts.training                                   # mode restored
+
+
+def test_interpret_without_decoder_gives_tokens_only(build):
+    built = build(make_cfg("codi"))
+    rows = explain_latents(built.loaded, built.parts, built.cfg, ["What is 2 times 6?"], top_k=2)
+    assert all(item.step_text is None and len(item.top_tokens) == 2 for item in rows[0])

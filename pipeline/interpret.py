@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from pipeline.config import Config
 from pipeline.latent import embed, forward_step, left_pad, rollout_latents
 from pipeline.methods import coconut, step_decoder
-from pipeline.methods.batching import encode_prompt, model_device
+from pipeline.methods.batching import encode_prompt, model_device, optional_part
 
 
 @dataclass
@@ -52,7 +52,7 @@ def rollout_for_questions(loaded, parts: nn.ModuleDict, cfg: Config,
     ids, mask = left_pad(prompts, loaded.tokenizer.pad_token_id)
     device = model_device(lm)
     _, state = forward_step(lm, embed(lm, ids.to(device)), mask.to(device), None)
-    projection = parts["projection"] if "projection" in parts else None
+    projection = optional_part(parts, "projection")
     hidden: list[Tensor] = []
 
     def project(h: Tensor) -> Tensor:       # records the pre-projection hidden state

@@ -373,3 +373,26 @@ def zero_checkpoint_state_dict(checkpoint_dir: str, tag: str) -> dict:
     states = torch.load(Path(checkpoint_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
+
+
+def estimate_model_states(trainable: int, largest_layer: int, gpus_per_node: int, nodes: int) -> dict:
+    """DeepSpeed's model-state estimators (bytes per GPU / per node's CPU) for `trainable` parameters.
+
+    They assume mixed precision: 16-bit weights + 16-bit grads + fp32 master + two fp32 Adam moments
+    (2 + 2 + 4 + 8 = 16 bytes per trainable parameter, plus buffers), ZeRO-3 with zero.Init.
+    Keys: "zero2", "zero2_offload", "zero3", "zero3_offload_optim", "zero3_offload_all" →
+    {"gpu": bytes, "cpu": bytes}.
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    out = {}
+    for name, offload in (("zero2", False), ("zero2_offload", True)):
+        cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus_per_node, nodes, cpu_offload=offload)
+        out[name] = {"gpu": gpu, "cpu": cpu}
+    for name, optim, params in (("zero3", False, False), ("zero3_offload_optim", True, False),
+                                ("zero3_offload_all", True, True)):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(trainable, largest_layer, gpus_per_node, nodes,
+                                                            cpu_offload=optim, cpu_offload_params=params)
+        out[name] = {"gpu": gpu, "cpu": cpu}
+    return out

@@ -166,7 +166,11 @@ class RunLog:
             return
         from tqdm.auto import tqdm
 
-        self.jsonl = open(out / "train_log.jsonl", "a")
+        path = out / "train_log.jsonl"
+        if path.is_file():   # a resumed run redoes the steps after its checkpoint: drop their old lines
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = open(path, "a")
         self.bar = tqdm(total=total, initial=start_step, desc="train", dynamic_ncols=True)
         if "tensorboard" in cfg.train.report_to:
             from torch.utils.tensorboard import SummaryWriter

@@ -12,10 +12,10 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-from pipeline.config import Config, LoraConfig, ModelConfig, TinyModelConfig  # noqa: E402
-from pipeline.data import Example, read_gsm8k_aug  # noqa: E402
-from pipeline.models import LoadedModel, load_model  # noqa: E402
-from pipeline.tokenizer_build import FIXTURES_DIR, build_tokenizer, default_tokenizer_texts  # noqa: E402
+from pipeline.config import Config, LoraConfig, ModelConfig, TinyModelConfig
+from pipeline.data import Example, read_gsm8k_aug
+from pipeline.models import LoadedModel, load_model
+from pipeline.tokenizer_build import FIXTURES_DIR, build_tokenizer, default_tokenizer_texts
 
 
 @pytest.fixture(scope="session")

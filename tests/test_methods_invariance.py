@@ -39,7 +39,7 @@ def test_rows_alone_equal_rows_in_batch(build, gsm_examples, arch, method, field
         alone = per_row(built, [ex], stage)
         for name in names:
             torch.testing.assert_close(together.per_row[name][i], alone.per_row[name][0], atol=2e-5, rtol=2e-5,
-                                       msg=lambda m: f"{name} row {i}: {m}")
+                                       msg=lambda m, name=name, i=i: f"{name} row {i}: {m}")
         if together.latents is not None:
             used = together.latent_active[i].bool()
             torch.testing.assert_close(together.latents[i][used], alone.latents[0][used], atol=2e-5, rtol=2e-5)

@@ -172,3 +172,18 @@ def test_interpret_without_decoder_gives_tokens_only(build):
     built = build(make_cfg("codi"))
     rows = explain_latents(built.loaded, built.parts, built.cfg, ["What is 2 times 6?"], top_k=2)
     assert all(item.step_text is None and len(item.top_tokens) == 2 for item in rows[0])
+
+
+@pytest.mark.parametrize("kind", ["full", "shared", "separate"])
+def test_explain_gradient_flows_through_latents_into_projection_and_lora(build, gsm_examples, kind):
+    """With every base loss weighted 0, the explain loss alone still trains the projection and the
+    main LoRA adapter: decoder → latent → projection → LoRA."""
+    cfg = make_cfg("simcot", simcot__decoder=kind, simcot__decoder_model="tiny-llama")
+    cfg.method.codi.alpha = cfg.method.codi.beta = cfg.method.codi.gamma = 0.0
+    built = build(cfg)
+    loss, logs = simcot.compute_loss(built.parts, built.collate(gsm_examples[:3], 0), cfg, StepContext())
+    loss.backward()
+    assert logs["step_decoder"] > 0
+    assert all(p.grad.abs().sum() > 0 for p in built.parts["projection"].parameters())
+    main_lora = [p for n, p in built.parts["lm"].named_parameters() if "lora_B.default" in n]
+    assert main_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in main_lora)

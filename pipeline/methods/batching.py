@@ -76,6 +76,11 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
+def optional_part(parts, name: str):
+    """parts[name] or None (nn.ModuleDict has no .get())."""
+    return dict(parts.items()).get(name)
+
+
 def model_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 

@@ -20,8 +20,16 @@ from pipeline.config import Config
 from pipeline.latent import embed, forward_step, positions_from_mask, rollout_latents
 from pipeline.losses import IGNORE_INDEX, layerwise_distill, reduce_tokens, token_ce
 from pipeline.methods import MethodOutput, StepContext
-from pipeline.methods.batching import (answer_segment, encode, encode_prompt, model_device, pad_batch,
-                                       suffix_logits, to_device)
+from pipeline.methods.batching import (
+    answer_segment,
+    encode,
+    encode_prompt,
+    model_device,
+    optional_part,
+    pad_batch,
+    suffix_logits,
+    to_device,
+)
 
 
 class LatentProjection(nn.Sequential):
@@ -99,7 +107,7 @@ def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> Met
     teacher_h = [h.detach() for h in _gather(teacher.hidden_states, tp + b["teacher_pos"])]   # target only
 
     # Student: prompt + <bot>, n projected latents over the KV cache, then <eot> + answer.
-    projection = parts["projection"] if "projection" in parts else None
+    projection = optional_part(parts, "projection")
     _, state = forward_step(lm, embed(lm, b["student_prompt_ids"]), b["student_prompt_mask"], None)
     latents, state, outs = rollout_latents(lm, state, cfg.method.num_latents, project=projection)
     student, _ = forward_step(lm, embed(lm, b["student_suffix_ids"]), b["student_suffix_mask"], state)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,35 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.strategy import get_rank, init_distributed  # noqa: E402
 from pipeline.train import run  # noqa: E402
 
-PROBE_IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11], [8, 8, 120, 64, 2, 77, 31, 400]])
+# A tiny LLaMA and a few short steps: every method trains in 1-8 s per variant on one CPU thread.
+TINY_OVERRIDES = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_heads=4",
+                  "model.tiny.vocab_size=500", "data.train.0.max_examples=16", "train.max_steps=3",
+                  "train.logging_steps=1", "train.learning_rate=3e-3", "train.warmup_ratio=0",
+                  "train.export=false", "method.num_latents=2"]
+# Coconut: 8 examples = one global batch of 8 per epoch, so 3 steps walk through stages 0, 1, 2.
+COCONUT = ["method.coconut.c_thought=1", "method.coconut.max_latent_stage=2", "method.coconut.epochs_per_stage=1",
+           "data.train.0.max_examples=8"]
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0"]
+METHOD_VARIANTS = {
+    "cot": ["method.name=cot"],
+    "nocot": ["method.name=nocot"],
+    "coconut": ["method.name=coconut", *COCONUT],
+    "codi": ["method.name=codi", *LORA],
+    "simcot_full": ["method.name=simcot", "method.simcot.decoder=full"],
+    "simcot_shared_coconut": ["method.name=simcot", "method.simcot.decoder=shared", "method.simcot.base=coconut",
+                              *COCONUT, *LORA],
+}
+
+
+def method_variants(template: str, micro: int) -> list[dict]:
+    """Every method with the same global batch of 8: `micro` x world size x accumulation."""
+    common = TINY_OVERRIDES + [f"train.per_device_train_batch_size={micro}", "deepspeed.enabled=true",
+                               f"deepspeed.template={template}"]
+    return [{"name": name, "overrides": common + extra} for name, extra in METHOD_VARIANTS.items()]
+
+
+# 500-504 are the latent special tokens (added after the 500-token BPE): their trained rows must export too.
+PROBE_IDS = torch.tensor([[5, 17, 42, 99, 500, 3, 250, 11], [8, 8, 120, 504, 502, 77, 31, 400]])
 
 
 def wrap_build(original, variant: dict):
@@ -59,7 +88,10 @@ def wrap_build(original, variant: dict):
 def live_logits(path: Path):
     def on_end(strategy, tokenizer):
         lm = strategy.engine.module.parts["lm"]
-        with torch.no_grad():      # every rank runs the forward: ZeRO-3 gathers are collective
+        # Every rank runs the forward (ZeRO-3 gathers are collective). Outside the engine's forward
+        # ZeRO-3 does not fetch parameters that live in never-called submodules (peft's trainable
+        # token rows sit in a ParameterDict), so gather the whole LM explicitly.
+        with torch.no_grad(), strategy.gathered(lm.parameters()):
             logits = lm(input_ids=PROBE_IDS.to(strategy.device)).logits.float().cpu()
         if get_rank() == 0:
             torch.save(logits, path)
@@ -69,6 +101,9 @@ def live_logits(path: Path):
 def main(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     init_distributed(timeout_s=120)
+    # torchrun starts each rank in its own session; the SIGKILL test kills the ranks by these ids.
+    Path(spec["out"]).mkdir(parents=True, exist_ok=True)
+    (Path(spec["out"]) / f"pid_rank{get_rank()}").write_text(str(os.getpid()))
     original = methods.build_method
     for variant in spec["variants"]:
         out = Path(spec["out"]) / variant["name"]

@@ -197,34 +197,34 @@ def _group(texts: list[str], counts: list[int], k: int, num_latents: int) -> lis
     return out
 
 
-class _DecodingAdapter:
-    """Shared by the explicit and latent adapters: both decode through pipeline.latent."""
-
-    def __init__(self, model, tokenizer, decode: DecodeConfig) -> None:
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.model, self.tokenizer, self.decode = model, tokenizer, decode
-        if decode.num_samples > 1:
-            decode.do_sample = True
-
-    @property
-    def device(self):
-        return self.model.get_input_embeddings().weight.device
-
-    def _run(self, prompts: list[str], instances, seed: int, **latent_kw) -> list[Generation]:
-        from pipeline.latent import generate_with_latents
-
-        k = self.decode.num_samples
-        prompts = [p for p in prompts for _ in range(k)]
-        gen = generate_with_latents(
-            self.model, self.tokenizer, prompts, max_new_tokens=self.decode.max_new_tokens,
-            do_sample=self.decode.do_sample, temperature=self.decode.temperature, top_p=self.decode.top_p,
-            generator=batch_generator(seed, instances, self.device) if self.decode.do_sample else None,
-            **latent_kw)
-        return _group(gen.texts, gen.num_generated, k, latent_kw.get("num_latents", 0))
+def _prepare(tokenizer, decode: DecodeConfig) -> DecodeConfig:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if decode.num_samples > 1:
+        decode.do_sample = True          # self-consistency needs different samples
+    return decode
 
 
-class ExplicitAdapter(_DecodingAdapter):
+def _device(model):
+    return model.get_input_embeddings().weight.device
+
+
+def _decode(model, tokenizer, decode: DecodeConfig, prompts: list[str], instances, seed: int,
+            **latent_kw) -> list[Generation]:
+    """Decode a batch through pipeline.latent (explicit decoding = 0 latents, no start/end token)."""
+    from pipeline.latent import generate_with_latents
+
+    k = decode.num_samples
+    prompts = [p for p in prompts for _ in range(k)]
+    gen = generate_with_latents(
+        model, tokenizer, prompts, max_new_tokens=decode.max_new_tokens,
+        do_sample=decode.do_sample, temperature=decode.temperature, top_p=decode.top_p,
+        generator=batch_generator(seed, instances, _device(model)) if decode.do_sample else None,
+        **latent_kw)
+    return _group(gen.texts, gen.num_generated, k, latent_kw.get("num_latents", 0))
+
+
+class ExplicitAdapter:
     """Any HF causal LM: left-padded batched greedy or sampled decoding, optional chat template."""
 
     default_num_latents = None
@@ -232,7 +232,8 @@ class ExplicitAdapter(_DecodingAdapter):
     def __init__(self, model, tokenizer, *, method: str = "cot", model_name: str = "model",
                  chat_template: bool = False, system: str | None = None, instruction: str | None = None,
                  decode: DecodeConfig | None = None) -> None:
-        super().__init__(model, tokenizer, decode or DecodeConfig())
+        self.model, self.tokenizer = model, tokenizer
+        self.decode = _prepare(tokenizer, decode or DecodeConfig())
         self.method, self.model_name = method, model_name
         self.chat_template, self.system, self.instruction = chat_template, system, instruction
 
@@ -263,7 +264,8 @@ class ExplicitAdapter(_DecodingAdapter):
 
     def generate(self, instances, seed, num_latents=None):
         prompts = [self.format_prompt(inst) for inst in instances]
-        return self._run(prompts, instances, seed, num_latents=0, start_token=None, end_token=None)
+        return _decode(self.model, self.tokenizer, self.decode, prompts, instances, seed,
+                       num_latents=0, start_token=None, end_token=None)
 
     def describe(self) -> dict:
         return {"adapter": "explicit", "model": self.model_name, "method": self.method,
@@ -279,13 +281,14 @@ def _method_label(meta: dict) -> str:
     return method
 
 
-class LatentAdapter(_DecodingAdapter):
+class LatentAdapter:
     """An exported Coconut / CODI / SIM-CoT model: ``question\\n<bot>`` · n latents · ``<eot>`` · decode."""
 
     def __init__(self, model, tokenizer, *, num_latents: int | None, start_token: str | None, end_token: str | None,
                  projection=None, method: str = "codi", model_name: str = "model", step_decoder=None,
                  decode: DecodeConfig | None = None, meta: dict | None = None) -> None:
-        super().__init__(model, tokenizer, decode or DecodeConfig(max_new_tokens=64))
+        self.model, self.tokenizer = model, tokenizer
+        self.decode = _prepare(tokenizer, decode or DecodeConfig(max_new_tokens=64))
         self.default_num_latents = num_latents
         self.start_token, self.end_token, self.projection = start_token, end_token, projection
         self.method, self.model_name, self.step_decoder = method, model_name, step_decoder
@@ -308,8 +311,9 @@ class LatentAdapter(_DecodingAdapter):
 
     def generate(self, instances, seed, num_latents=None):
         n = (self.default_num_latents or 0) if num_latents is None else num_latents
-        return self._run([prompt_for(inst) for inst in instances], instances, seed, num_latents=n,
-                         start_token=self.start_token, end_token=self.end_token, projection=self.projection)
+        return _decode(self.model, self.tokenizer, self.decode, [prompt_for(inst) for inst in instances],
+                       instances, seed, num_latents=n, start_token=self.start_token, end_token=self.end_token,
+                       projection=self.projection)
 
     def rollout(self, instances, num_latents: int | None = None):
         """The raw :class:`pipeline.latent.LatentGeneration` (greedy) — for the latent report."""

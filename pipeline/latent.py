@@ -175,7 +175,7 @@ def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: 
         end = torch.full((len(prompts), 1), tokenizer.convert_tokens_to_ids(end_token), device=device)
         out, state = forward_step(model, embed(model, end), torch.ones_like(end), state)
     logits = out.logits[:, -1]
-    eos = tokenizer.eos_token_id
+    stop = torch.tensor(sorted(stop_token_ids(model, tokenizer)), device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
@@ -183,16 +183,29 @@ def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: 
         for i in range(len(prompts)):
             if not done[i]:
                 generated[i].append(int(next_ids[i]))
-        done |= next_ids == eos
+        done |= torch.isin(next_ids, stop)
         if bool(done.all()):
             break
         step = next_ids[:, None]
         out, state = forward_step(model, embed(model, step), torch.ones_like(step), state)
         logits = out.logits[:, -1]
-    texts = [tokenizer.decode([t for t in g if t != eos], skip_special_tokens=True) for g in generated]
+    texts = [tokenizer.decode([t for t in g if t not in stop.tolist()], skip_special_tokens=True)
+             for g in generated]
     hidden = (torch.stack(hidden_before, 1) if hidden_before else latents)
     return LatentGeneration(texts=texts, token_ids=generated, num_generated=[len(g) for g in generated],
                             latents=latents, latent_hidden=hidden)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """EOS of the tokenizer plus every end id of the model's generation config (instruct models
+    often have several, e.g. `<|eot_id|>` and `<|end_of_text|>`)."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos:
+        ids.update(config_eos)
+    return {i for i in ids if i is not None}
 
 
 def _rollout_recording(model, state, num_latents, projection, record: list):

@@ -40,7 +40,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from pipeline.config import REPO_ROOT, Config, ModelConfig, resolve_ds_template

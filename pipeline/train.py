@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # The deepspeed launcher appends --local_rank unless told --no_local_rank; ranks come from the env.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-4")
-    return p.parse_args(argv)
+    # intermixed: overrides may come before and after --config (`latent-train a=1 --config f b=2`)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

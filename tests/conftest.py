@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-
 from pipeline.config import Config, LoraConfig, ModelConfig, TinyModelConfig
 from pipeline.data import Example, read_gsm8k_aug
 from pipeline.models import LoadedModel, load_model
 from pipeline.tokenizer_build import FIXTURES_DIR, build_tokenizer, default_tokenizer_texts
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

@@ -186,6 +186,18 @@ def _parse_gsm8k_aug_line(line: str, where: str) -> Example:
     return Example(question=question, steps=steps, answer=answer, source_id=where, nl_steps=nl)
 
 
+def _read_lines(path: str | Path, parse, on_malformed: str, max_examples: int | None) -> ReadResult:
+    """One example per non-blank line; `parse(line, "file:line")` raises DataFormatError."""
+    path = Path(path)
+    name = _display_name(path)
+    out = _Collector(on_malformed, max_examples)
+    for lineno, line in _iter_lines(path):
+        if out.full:
+            break
+        out.take(parse, line, f"{name}:{lineno}")
+    return out.result
+
+
 def read_gsm8k_aug(
     path: str | Path, *, on_malformed: str = "error", max_examples: int | None = None
 ) -> ReadResult:
@@ -193,14 +205,7 @@ def read_gsm8k_aug(
 
     Steps are the ``<<…>>`` annotations in order; the answer loses thousands separators.
     """
-    path = Path(path)
-    name = _display_name(path)
-    out = _Collector(on_malformed, max_examples)
-    for lineno, line in _iter_lines(path):
-        if out.full:
-            break
-        out.take(_parse_gsm8k_aug_line, line, f"{name}:{lineno}")
-    return out.result
+    return _read_lines(path, _parse_gsm8k_aug_line, on_malformed, max_examples)
 
 
 def _parse_gsm8k_record(rec: Any, where: str) -> Example:
@@ -220,14 +225,7 @@ def read_gsm8k(
     is derived from the real GSM8K train split; ``nl_steps`` = the natural-language lines
     (without the ``####`` line and without the annotations). Answers lose thousands separators.
     """
-    path = Path(path)
-    name = _display_name(path)
-    out = _Collector(on_malformed, max_examples)
-    for lineno, line in _iter_lines(path):
-        if out.full:
-            break
-        out.take(_parse_gsm8k_line, line, f"{name}:{lineno}")
-    return out.result
+    return _read_lines(path, _parse_gsm8k_line, on_malformed, max_examples)
 
 
 def _parse_gsm8k_line(line: str, where: str) -> Example:

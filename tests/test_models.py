@@ -95,3 +95,21 @@ def test_4bit_qlora_loads_and_backpropagates(tok_dir, tmp_path):
     ids = torch.tensor([tok("1 + 2 = 3").input_ids])
     loaded.model(input_ids=ids, labels=ids).loss.backward()
     assert any(p.grad is not None for n, p in loaded.model.named_parameters() if "lora_B" in n)
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients(tok_dir):
+    """The option is real (CoT/No-CoT; latent methods reject it in the config) and changes nothing
+    but memory: same loss and gradients as without it."""
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(gradient_checkpointing=checkpointing)
+        loaded = load_model(cfg, load_tokenizer(cfg, build_dir=tok_dir))
+        loaded.model.train()
+        assert loaded.model.is_gradient_checkpointing == checkpointing
+        ids = torch.tensor([loaded.tokenizer("12 + 3 = 15").input_ids] * 2)
+        loss = loaded.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), loaded.model.get_input_embeddings().weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

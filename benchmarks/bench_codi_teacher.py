@@ -34,49 +34,25 @@ Prints a table (median ms per step, speed-up = reference / ours) and writes JSON
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import random
 import statistics
-import sys
 import time
-import warnings
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-warnings.filterwarnings("ignore", category=FutureWarning)
+import common  # before pipeline: puts the repository root on sys.path, sets torch threads
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from pipeline.config import Config, LoraConfig, ModelConfig, TinyModelConfig  # noqa: E402
-from pipeline.data import read_gsm8k_aug  # noqa: E402
-from pipeline.latent import embed, forward_step, positions_from_mask, rollout_latents  # noqa: E402
-from pipeline.losses import layerwise_distill, reduce_tokens, token_ce  # noqa: E402
-from pipeline.methods import StepContext, codi  # noqa: E402
-from pipeline.methods.batching import model_device, optional_part, suffix_logits, to_device  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.tokenizer_build import FIXTURES_DIR  # noqa: E402
-
-TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "eval" / "tokenizer"
+from pipeline.config import Config, LoraConfig
+from pipeline.latent import embed, forward_step, positions_from_mask, rollout_latents
+from pipeline.losses import layerwise_distill, reduce_tokens, token_ce
+from pipeline.methods import StepContext, codi
+from pipeline.methods.batching import model_device, optional_part, suffix_logits, to_device
 
 
 # --------------------------------------------------------------------------- options
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--hidden", type=int, default=64, help="tiny LLaMA hidden size (64-128)")
-parser.add_argument("--layers", type=int, default=2, help="tiny LLaMA layers (2-4)")
-parser.add_argument("--batch", type=int, default=8, help="B, examples per batch")
-parser.add_argument("--latents", type=int, default=6, help="n, latents per example")
+common.add_size_options(parser)                                 # --hidden --layers --batch --latents
 parser.add_argument("--lora-dropout", type=float, default=0.1)
-parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant")
-parser.add_argument("--warmup", type=int, default=3)
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "bench_codi_teacher.json"))
+common.add_timing_options(parser, "bench_codi_teacher")         # --repeats --warmup --seed --out
 args = parser.parse_args()
 
 
@@ -122,24 +98,13 @@ def teacher_twice_run(parts, batch, cfg):
 
 # --------------------------------------------------------------------------- setup
 cfg = Config()
-cfg.model = ModelConfig(name_or_path="tiny-llama",
-                        tiny=TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
-                                             intermediate_size=2 * args.hidden, vocab_size=400),
-                        lora=LoraConfig(enabled=True, r=8, alpha=16, dropout=args.lora_dropout))
+cfg.model = common.tiny_llama(args.hidden, args.layers,
+                              LoraConfig(enabled=True, r=8, alpha=16, dropout=args.lora_dropout))
 cfg.method.name = "codi"
 cfg.method.num_latents = args.latents
 
-torch.manual_seed(args.seed)
-loaded = load_model(cfg.model, AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)))
-parts = codi.build_parts(cfg, loaded)
-gen = torch.Generator().manual_seed(args.seed + 1)
-with torch.no_grad():                                       # LoRA B starts at 0: make adapters live
-    for name, p in parts.named_parameters():
-        if "lora_B" in name:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-
-examples = [e for e in read_gsm8k_aug(FIXTURES_DIR / "gsm8k_aug_train.txt").examples if e.answer.isdigit()]
-examples = random.Random(args.seed).sample(examples, args.batch)
+loaded, parts = common.build_with_live_lora(cfg, codi, args.seed)
+examples = common.train_examples(args.batch, args.seed)
 batch = codi.make_collate(cfg, loaded, parts)(examples)
 ctx = StepContext()
 lm = parts["lm"]
@@ -199,18 +164,7 @@ def reference_step():
 
 
 wall_start = time.perf_counter()
-for _ in range(args.warmup):
-    for fn in (ours_step, reference_step):
-        clear_grads()
-        fn()
-t_ours, t_ref = [], []
-for r in range(args.repeats):
-    order = [(ours_step, t_ours), (reference_step, t_ref)]
-    for fn, sink in (order if r % 2 == 0 else order[::-1]):          # alternate who goes first
-        clear_grads()
-        start = time.perf_counter()
-        fn()
-        sink.append(time.perf_counter() - start)
+t_ours, t_ref = common.interleaved_times(ours_step, reference_step, clear_grads, args.repeats, args.warmup)
 wall = time.perf_counter() - wall_start
 ours_ms, ref_ms = 1e3 * statistics.median(t_ours), 1e3 * statistics.median(t_ref)
 
@@ -234,12 +188,6 @@ print(f"dropout {args.lora_dropout} (train mode): the reference's no_grad target
       f"{', '.join(f'{m:.1%}' for m in mismatch_rel)} (ours: 0 by construction)")
 print(f"timing wall time {wall:.1f} s")
 
-result = {"benchmark": "bench_codi_teacher", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-          "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                      "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-          "args": vars(args), "shapes": shapes, "checks": checks,
-          "ours_ms": ours_ms, "reference_ms": ref_ms, "speedup": ref_ms / ours_ms,
-          "ours_ms_all": [1e3 * t for t in t_ours], "reference_ms_all": [1e3 * t for t in t_ref], "wall_s": wall}
-Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-Path(args.out).write_text(json.dumps(result, indent=2))
-print(f"wrote {args.out}")
+common.write_result(args.out, "bench_codi_teacher", args, shapes=shapes, checks=checks,
+                    ours_ms=ours_ms, reference_ms=ref_ms, speedup=ref_ms / ours_ms,
+                    ours_ms_all=[1e3 * t for t in t_ours], reference_ms_all=[1e3 * t for t in t_ref], wall_s=wall)

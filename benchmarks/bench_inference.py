@@ -31,34 +31,22 @@ Prints a table (examples/s per method and batch size, speed-up = latent / CoT) a
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
-import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-warnings.filterwarnings("ignore", category=FutureWarning)
+import common  # before pipeline: puts the repository root on sys.path, sets torch threads
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from pipeline.config import LoraConfig, ModelConfig, TinyModelConfig  # noqa: E402
-from pipeline.data import read_gsm8k_aug  # noqa: E402
-from pipeline.latent import answer_text, cot_text, generate_with_latents, question_prompt  # noqa: E402
-from pipeline.methods.batching import encode  # noqa: E402
-from pipeline.methods.codi import LatentProjection  # noqa: E402
-from pipeline.models import SMOLLM2_GGUF, load_model, load_tokenizer, smollm2_gguf_dir  # noqa: E402
-from pipeline.tokenizer_build import FIXTURES_DIR  # noqa: E402
-
-TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "eval" / "tokenizer"
+from pipeline.config import LoraConfig, ModelConfig
+from pipeline.data import read_gsm8k_aug
+from pipeline.latent import answer_text, cot_text, generate_with_latents, question_prompt
+from pipeline.methods.batching import encode
+from pipeline.methods.codi import LatentProjection
+from pipeline.models import SMOLLM2_GGUF, load_model, load_tokenizer, smollm2_gguf_dir
+from pipeline.tokenizer_build import FIXTURES_DIR
 
 
 # --------------------------------------------------------------------------- options
@@ -80,7 +68,8 @@ args = parser.parse_args()
 n_examples = args.examples or (16 if args.smollm2 else 48)
 batch1_examples = args.batch1_examples or (3 if args.smollm2 else n_examples)
 passes = args.passes or (1 if args.smollm2 else 3)
-out_path = Path(args.out or ROOT / "runs" / "bench" / f"bench_inference{'_smollm2' if args.smollm2 else ''}.json")
+out_path = Path(args.out
+                or common.ROOT / "runs" / "bench" / f"bench_inference{'_smollm2' if args.smollm2 else ''}.json")
 
 
 # --------------------------------------------------------------------------- model
@@ -93,10 +82,8 @@ if args.smollm2:
     tokenizer = load_tokenizer(mcfg)
     model_name = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32)"
 else:
-    mcfg = ModelConfig(name_or_path="tiny-llama", lora=LoraConfig(enabled=False),
-                       tiny=TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
-                                            intermediate_size=2 * args.hidden, vocab_size=400))
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    mcfg = common.tiny_llama(args.hidden, args.layers, LoraConfig(enabled=False))
+    tokenizer = common.fixture_tokenizer()
     model_name = f"tiny LLaMA hidden={args.hidden} layers={args.layers} (random init)"
 loaded = load_model(mcfg, tokenizer)
 model = loaded.model.eval()
@@ -194,19 +181,15 @@ if len(args.batch_sizes) > 1:
           f"latent {rate[hi]['latent'] / rate[lo]['latent']:.2f}x")
 print(f"wall time {wall:.1f} s")
 
-result = {"benchmark": "bench_inference", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-          "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                      "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-          "args": vars(args), "model": model_name, "examples": len(prompts), "passes": passes,
-          "timed_examples": {str(bs): v for bs, v in timed_examples.items()},
-          "mean_prompt_tokens": statistics.mean(prompt_lens),
-          "mean_cot_tokens": statistics.mean(cot_lens), "mean_answer_tokens": statistics.mean(answer_lens),
-          "generation_config_eos_cleared": stop_ids_cleared,
-          "forced_tokens": {"cot": cot_tokens, "latent_decoded": answer_tokens, "latent_total": tokens["latent"]},
-          "seconds": {str(bs): v for bs, v in seconds.items()},
-          "examples_per_s": {str(bs): v for bs, v in rate.items()},
-          "speedup_latent_over_cot": {str(bs): rate[bs]["latent"] / rate[bs]["cot"] for bs in args.batch_sizes},
-          "wall_s": wall}
-out_path.parent.mkdir(parents=True, exist_ok=True)
-out_path.write_text(json.dumps(result, indent=2))
-print(f"wrote {out_path}")
+common.write_result(out_path, "bench_inference", args, model=model_name, examples=len(prompts), passes=passes,
+                    timed_examples={str(bs): v for bs, v in timed_examples.items()},
+                    mean_prompt_tokens=statistics.mean(prompt_lens),
+                    mean_cot_tokens=statistics.mean(cot_lens), mean_answer_tokens=statistics.mean(answer_lens),
+                    generation_config_eos_cleared=stop_ids_cleared,
+                    forced_tokens={"cot": cot_tokens, "latent_decoded": answer_tokens,
+                                   "latent_total": tokens["latent"]},
+                    seconds={str(bs): v for bs, v in seconds.items()},
+                    examples_per_s={str(bs): v for bs, v in rate.items()},
+                    speedup_latent_over_cot={str(bs): rate[bs]["latent"] / rate[bs]["cot"]
+                                             for bs in args.batch_sizes},
+                    wall_s=wall)

@@ -32,50 +32,26 @@ Prints a table (median ms per step, speed-up = loop / ours) and writes JSON to -
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import random
 import statistics
-import sys
 import time
-import warnings
-from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-warnings.filterwarnings("ignore", category=FutureWarning)
+import common  # before pipeline: puts the repository root on sys.path, sets torch threads
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from pipeline.config import Config, LoraConfig, ModelConfig, TinyModelConfig  # noqa: E402
-from pipeline.data import read_gsm8k_aug  # noqa: E402
-from pipeline.latent import positions_from_mask  # noqa: E402
-from pipeline.losses import IGNORE_INDEX, causal_lm_ce  # noqa: E402
-from pipeline.methods import StepContext, codi, simcot, step_decoder  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.tokenizer_build import FIXTURES_DIR  # noqa: E402
-
-TOKENIZER_DIR = ROOT / "tests" / "fixtures" / "eval" / "tokenizer"
+from pipeline.config import Config, LoraConfig
+from pipeline.latent import positions_from_mask
+from pipeline.losses import IGNORE_INDEX, causal_lm_ce
+from pipeline.methods import StepContext, codi, simcot, step_decoder
 
 
 # --------------------------------------------------------------------------- options
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--hidden", type=int, default=64, help="tiny LLaMA hidden size (64-128)")
-parser.add_argument("--layers", type=int, default=2, help="tiny LLaMA layers (2-4)")
-parser.add_argument("--batch", type=int, default=8, help="B, examples per batch")
-parser.add_argument("--latents", type=int, default=6, help="n, latents per example")
+common.add_size_options(parser)                                 # --hidden --layers --batch --latents
 parser.add_argument("--step-tokens", type=int, default=16, help="L, max step-target tokens incl. EOS")
 parser.add_argument("--decoder", nargs="+", default=["shared", "full"], choices=["shared", "full"],
                     help="decoder kinds to benchmark (shared = 2nd LoRA adapter, full = trainable copy)")
-parser.add_argument("--repeats", type=int, default=15, help="timed steps per variant")
-parser.add_argument("--warmup", type=int, default=3)
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--out", default=str(ROOT / "runs" / "bench" / "bench_step_decoder.json"))
+common.add_timing_options(parser, "bench_step_decoder")         # --repeats --warmup --seed --out
 args = parser.parse_args()
 
 
@@ -113,10 +89,7 @@ def loop_explain_loss(parts, cfg, latents, batch):
 # --------------------------------------------------------------------------- setup
 def make_cfg(decoder: str) -> Config:
     cfg = Config()
-    cfg.model = ModelConfig(name_or_path="tiny-llama",
-                            tiny=TinyModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=4,
-                                                 intermediate_size=2 * args.hidden, vocab_size=400),
-                            lora=LoraConfig(enabled=True, r=8, alpha=16, dropout=0.0))
+    cfg.model = common.tiny_llama(args.hidden, args.layers, LoraConfig(enabled=True, r=8, alpha=16, dropout=0.0))
     cfg.method.name = "simcot"
     cfg.method.num_latents = args.latents
     cfg.method.simcot.base = "codi"
@@ -127,20 +100,12 @@ def make_cfg(decoder: str) -> Config:
 
 def build(decoder: str):
     cfg = make_cfg(decoder)
-    torch.manual_seed(args.seed)
-    loaded = load_model(cfg.model, AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)))
-    parts = simcot.build_parts(cfg, loaded)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    with torch.no_grad():                                   # LoRA B starts at 0: make adapters live
-        for name, p in parts.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    loaded, parts = common.build_with_live_lora(cfg, simcot, args.seed)
     parts.train()
     return cfg, loaded, parts
 
 
-examples = [e for e in read_gsm8k_aug(FIXTURES_DIR / "gsm8k_aug_train.txt").examples if e.answer.isdigit()]
-examples = random.Random(args.seed).sample(examples, args.batch)
+examples = common.train_examples(args.batch, args.seed)
 
 
 def clear_grads(parts, latents):
@@ -149,24 +114,9 @@ def clear_grads(parts, latents):
     latents.grad = None
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def compare(name: str, ours_fn, loop_fn, reset) -> dict:
     """Warm up, then alternate ours/loop (order flipped every repeat); median seconds each."""
-    for _ in range(args.warmup):
-        for fn in (ours_fn, loop_fn):
-            reset()
-            fn()
-    t_ours, t_loop = [], []
-    for r in range(args.repeats):
-        order = [(ours_fn, t_ours), (loop_fn, t_loop)]
-        for fn, sink in (order if r % 2 == 0 else order[::-1]):
-            reset()
-            sink.append(timed(fn))
+    t_ours, t_loop = common.interleaved_times(ours_fn, loop_fn, reset, args.repeats, args.warmup)
     ours, loop = statistics.median(t_ours), statistics.median(t_loop)
     return {"level": name, "ours_ms": 1e3 * ours, "loop_ms": 1e3 * loop, "speedup": loop / ours,
             "ours_ms_all": [1e3 * t for t in t_ours], "loop_ms_all": [1e3 * t for t in t_loop]}
@@ -258,10 +208,4 @@ for c in checks:
           f"whole-step loss |diff| {c['step_abs_diff']:.1e}")
 print(f"wall time {wall:.1f} s")
 
-result = {"benchmark": "bench_step_decoder", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-          "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                      "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-          "args": vars(args), "shapes": shapes, "checks": checks, "rows": rows, "wall_s": wall}
-Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-Path(args.out).write_text(json.dumps(result, indent=2))
-print(f"wrote {args.out}")
+common.write_result(args.out, "bench_step_decoder", args, shapes=shapes, checks=checks, rows=rows, wall_s=wall)

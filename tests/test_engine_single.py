@@ -181,3 +181,21 @@ def test_step_decoder_is_not_exported_by_default(tmp_path):
     assert exported.step_decoder is None and not exported.meta["has_step_decoder"]
     assert not (tmp_path / "export" / "step_decoder").exists()
     assert not any("step_decoder" in k for k in exported.model.state_dict())   # adapter dropped, not merged
+
+
+def test_bf16_trains_bf16_modules_with_fp32_master_weights(tmp_path):
+    """bf16 runs keep an fp32 master copy of every trained weight, the CODI projection included
+    (in bf16 most updates at small learning rates would round to nothing)."""
+    from pipeline.train import run
+
+    captured = {}
+    cfg = load_config(None, [*TINY_OVERRIDES, f"train.output_dir={tmp_path}", "method.name=codi", "model.dtype=bf16",
+                             "train.max_steps=2", "train.export=false"])
+    result = run(cfg, on_end=lambda strategy, tokenizer: captured.update(strategy=strategy))
+    engine = captured["strategy"].engine
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    masters = [p for group in engine.optimizer.optimizer.param_groups for p in group["params"]]
+    trained = [p for p in engine.module.parameters() if p.requires_grad]
+    assert masters and {p.dtype for p in masters} == {torch.float32}
+    assert sum(p.numel() for p in masters) == sum(p.numel() for p in trained)
+    assert result["step"] == 2 and all(map(lambda v: v == v, losses(tmp_path)))   # finite, no NaN

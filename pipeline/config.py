@@ -162,7 +162,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 2.0
     logging_steps: int = 10
-    save_steps: int | None = None
+    save_steps: int | None = 500       # periodic checkpoints, so a crash mid-run can resume; None = end only
     save_total_limit: int = 2
     resume: bool = True                 # resume from the latest checkpoint in output_dir if any
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)

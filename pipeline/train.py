@@ -119,13 +119,29 @@ def build_module(cfg: Config, tokenizer):
     return module, collate, loaded
 
 
+def uses_curriculum(cfg: Config) -> bool:
+    return cfg.method.name == "coconut" or (cfg.method.name == "simcot" and cfg.method.simcot.base == "coconut")
+
+
 def curriculum_stage(cfg: Config, epoch: int) -> int:
     """Coconut stage of an epoch (also SIM-CoT on Coconut); 0 for single-stage methods."""
     from pipeline.methods import method_module
 
-    if cfg.method.name == "coconut" or (cfg.method.name == "simcot" and cfg.method.simcot.base == "coconut"):
-        return method_module("coconut").stage_for_epoch(epoch, cfg)
-    return 0
+    return method_module("coconut").stage_for_epoch(epoch, cfg) if uses_curriculum(cfg) else 0
+
+
+def curriculum_warning(cfg: Config) -> str | None:
+    """A run whose epochs stop before Coconut's last stage trains a model evaluation will misuse."""
+    from pipeline.methods import method_module
+
+    if not uses_curriculum(cfg) or cfg.train.max_steps:
+        return None
+    needed = method_module("coconut").curriculum_epochs(cfg)
+    if cfg.train.num_train_epochs >= needed:
+        return None
+    return (f"warning: train.num_train_epochs={cfg.train.num_train_epochs} ends before Coconut's last stage "
+            f"(stage {cfg.method.coconut.max_latent_stage} starts after {needed - cfg.method.coconut.epochs_per_stage} "
+            f"epochs; the whole curriculum takes {needed})")
 
 
 def count_tokens(batch: dict) -> int:
@@ -252,6 +268,8 @@ def run(cfg: Config, on_end=None) -> dict:
     state = state or checkpoint.TrainState()
     print0(f"{len(examples)} examples, world size {world}, {steps_per_epoch} steps/epoch, {total} steps"
            + (f"; resumed at step {state.step}" if resumed else ""))
+    if curriculum_warning(cfg):
+        print0(curriculum_warning(cfg))
 
     # SIGTERM (a scheduler's pre-emption) only sets a flag: the ranks agree on it at the next step
     # boundary, save together and exit 0. Handlers can only be installed from the main thread.

@@ -146,3 +146,13 @@ def test_cli_config_error_exits_before_loading(capsys):
 
     assert main(["train.learning_rate=-1"]) == 2
     assert "train.learning_rate: must be > 0" in capsys.readouterr().err
+
+
+def test_short_coconut_curriculum_is_warned_about():
+    from pipeline.config import load_config
+    from pipeline.train import curriculum_warning
+
+    base = ["method.name=coconut", "method.coconut.max_latent_stage=3", "method.coconut.epochs_per_stage=2"]
+    assert "takes 8" in curriculum_warning(load_config(None, base + ["train.num_train_epochs=5"]))
+    assert curriculum_warning(load_config(None, base + ["train.num_train_epochs=8"])) is None
+    assert curriculum_warning(load_config(None, ["train.num_train_epochs=1"])) is None          # CoT

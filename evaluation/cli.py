@@ -80,17 +80,27 @@ def build_adapter(args):
     if kind == "softcot":
         from evaluation.softcot import SoftCoTAdapter
 
-        if not (args.assistant and args.model and args.projection):
-            sys.exit("--adapter softcot needs --assistant, --model (the base) and --projection")
         if args.max_new_tokens is None:
             decode.max_new_tokens = 512
-        adapter = SoftCoTAdapter.from_pretrained(
-            args.assistant, args.model, args.projection, dtype=args.dtype, device=device, attn=args.attn,
-            num_thoughts=args.num_thoughts, assistant_placeholder=args.assistant_placeholder,
-            base_placeholder=args.base_placeholder, begin=args.begin, end=args.end,
-            initial_tokens=args.initial_tokens.split(",") if args.initial_tokens else None,
-            instruction=args.instruction or "", chat_template=not args.no_chat_template_softcot,
-            decode=decode, model_name=args.model_name or args.model)
+        if args.model and (Path(args.model) / "latent_meta.json").is_file():     # a pipeline.train export
+            given = {"num_thoughts": args.num_thoughts, "assistant_placeholder": args.assistant_placeholder,
+                     "base_placeholder": args.base_placeholder, "begin": args.begin, "end": args.end,
+                     "instruction": args.instruction,
+                     "initial_tokens": args.initial_tokens.split(",") if args.initial_tokens else None}
+            adapter = SoftCoTAdapter.from_exported(args.model, dtype=args.dtype, device=device, decode=decode,
+                                                   model_name=args.model_name or args.model,
+                                                   **{k: v for k, v in given.items() if v is not None})
+        elif not (args.assistant and args.model and args.projection):
+            sys.exit("--adapter softcot needs --model EXPORT_DIR, or --assistant, --model (the base) and --projection")
+        else:
+            adapter = SoftCoTAdapter.from_pretrained(
+                args.assistant, args.model, args.projection, dtype=args.dtype, device=device, attn=args.attn,
+                num_thoughts=4 if args.num_thoughts is None else args.num_thoughts,
+                assistant_placeholder=args.assistant_placeholder, base_placeholder=args.base_placeholder,
+                begin=args.begin or "", end=args.end or "",
+                initial_tokens=args.initial_tokens.split(",") if args.initial_tokens else None,
+                instruction=args.instruction or "", chat_template=not args.no_chat_template_softcot,
+                decode=decode, model_name=args.model_name or args.model)
     elif not args.model:
         sys.exit(f"--adapter {kind} needs --model")
     elif kind == "latent":
@@ -186,12 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--predictions", help="predictions JSONL (adapter predictions)")
     r.add_argument("--assistant", help="softcot: assistant model")
     r.add_argument("--projection", help="softcot: projection safetensors")
-    r.add_argument("--num-thoughts", type=int, default=4)
+    r.add_argument("--num-thoughts", type=int, help="softcot: thoughts per set (default: the export's, else 4)")
     r.add_argument("--initial-tokens", help="softcot++: comma-separated initial tokens, one per thought set")
     r.add_argument("--assistant-placeholder")
     r.add_argument("--base-placeholder")
-    r.add_argument("--begin", default="")
-    r.add_argument("--end", default="")
+    r.add_argument("--begin", help="softcot: token before the thoughts (default: the export's, else none)")
+    r.add_argument("--end", help="softcot: token after the thoughts (default: the export's, else none)")
     r.add_argument("--no-chat-template-softcot", action="store_true")
     r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     r.add_argument("--device", default="auto")

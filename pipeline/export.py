@@ -7,6 +7,7 @@
       latent_extra.safetensors                                   method weights, e.g. "projection.0.weight"
       latent_meta.json                                           method, latent count, tokens, projection spec
       step_decoder/                                              only with train.export_step_decoder=true
+      assistant/                                                 SoftCoT: the frozen assistant + its tokenizer
 
 From a live run (`export_live`, every rank calls it; ZeRO-3 weights are gathered 16-bit by
 DeepSpeed) and offline from any checkpoint (`export_from_checkpoint`, one process, no ranks):
@@ -47,6 +48,8 @@ class Exported:
     meta: dict
     projection: nn.Module | None     # CODI / SIM-CoT latent projection, fp32
     step_decoder: nn.Module | None   # `.decode_latents(latents [N, d]) -> list[str]`, when exported
+    assistant: nn.Module | None = None      # SoftCoT: the frozen assistant LM
+    assistant_tokenizer: object = None      # SoftCoT: its tokenizer
 
 
 # --------------------------------------------------------------------------- metadata
@@ -62,7 +65,7 @@ def latent_meta(cfg: Config, parts: nn.ModuleDict, lora: str | None, has_step_de
     tokens = {"codi": ("bot", "eot"), "coconut": ("start_latent", "end_latent")}.get(base)
     num_latents = {"codi": cfg.method.num_latents, "coconut": coconut.inference_num_latents(cfg)}.get(base, 0)
     projection = None
-    if "projection" in parts:
+    if "projection" in parts and cfg.method.name != "softcot":
         first = parts["projection"][0]      # codi.LatentProjection: Linear(d, d') → GELU → Linear → LayerNorm
         projection = {"kind": "codi_mlp", "hidden_size": first.in_features, "inner_size": first.out_features}
     meta = {"method": cfg.method.name, "num_latents": num_latents,
@@ -74,6 +77,9 @@ def latent_meta(cfg: Config, parts: nn.ModuleDict, lora: str | None, has_step_de
     if cfg.method.name == "simcot":
         meta["base_method"] = base
         meta["step_decoder"] = {"kind": cfg.method.simcot.decoder} if has_step_decoder else None
+    if cfg.method.name == "softcot":
+        from pipeline.methods import softcot
+        meta.update(softcot.export_meta(cfg, parts))
     if base == "coconut":
         meta["coconut"] = {"c_thought": cfg.method.coconut.c_thought,
                            "max_latent_stage": cfg.method.coconut.max_latent_stage}
@@ -120,6 +126,9 @@ def export_parts(parts: nn.ModuleDict, cfg: Config, tokenizer, out_dir: str | Pa
         extras.update(_save_step_decoder(parts, cfg, tokenizer, out))
     if hasattr(method, "inference_parts"):      # SIM-CoT: drop the training-only decoder
         parts = method.inference_parts(parts)
+    if "assistant" in parts:                    # SoftCoT: the assistant goes to its own directory
+        method.save_assistant(parts, cfg, tokenizer, out / method.ASSISTANT_DIR)
+        parts = nn.ModuleDict({k: v for k, v in parts.items() if k != "assistant"})
     lm, lora = parts["lm"], None
     if hasattr(lm, "peft_config"):
         if cfg.train.export_merge_lora:
@@ -227,7 +236,7 @@ def _load_extras(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def load_exported(path: str | Path, dtype: str = "fp32", device: str = "cpu") -> Exported:
-    """Model, tokenizer, latent_meta.json, projection (fp32) and step decoder of an export directory."""
+    """Model, tokenizer, latent_meta.json, projection (fp32), step decoder and (SoftCoT) assistant of an export."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -242,12 +251,20 @@ def load_exported(path: str | Path, dtype: str = "fp32", device: str = "cpu") ->
     projection = None
     spec = meta.get("projection")
     if spec:
-        if spec.get("kind") != "codi_mlp":
+        if spec.get("kind") == "codi_mlp":
+            from pipeline.methods.codi import LatentProjection
+            projection = LatentProjection(spec["hidden_size"], spec["inner_size"])
+        elif spec.get("kind") == "linear":       # SoftCoT: Linear(d_assist → d_base)
+            projection = nn.Linear(spec["in_features"], spec["out_features"], bias=spec.get("bias", True))
+        else:
             raise ValueError(f"{meta_file}: unknown projection kind {spec.get('kind')!r}")
-        from pipeline.methods.codi import LatentProjection
-        projection = LatentProjection(spec["hidden_size"], spec["inner_size"])
         projection.load_state_dict(_load_extras(path, "projection"))
         projection.to(device).eval()
+    assistant = assistant_tok = None
+    if meta.get("assistant_dir") and (path / meta["assistant_dir"]).is_dir():
+        assistant_path = str(path / meta["assistant_dir"])
+        assistant = AutoModelForCausalLM.from_pretrained(assistant_path, dtype=torch_dtype(dtype)).to(device).eval()
+        assistant_tok = AutoTokenizer.from_pretrained(assistant_path)
     step_decoder = None
     if meta.get("has_step_decoder") and (path / DECODER_DIR).is_dir():
         decoder = AutoModelForCausalLM.from_pretrained(str(path / DECODER_DIR), dtype=torch_dtype(dtype))
@@ -258,7 +275,8 @@ def load_exported(path: str | Path, dtype: str = "fp32", device: str = "cpu") ->
             proj.load_state_dict(proj_state)
         dec_tok = AutoTokenizer.from_pretrained(str(path / DECODER_DIR))
         step_decoder = ExportedStepDecoder(decoder, proj, dec_tok).to(device).eval()
-    return Exported(model=model, tokenizer=tokenizer, meta=meta, projection=projection, step_decoder=step_decoder)
+    return Exported(model=model, tokenizer=tokenizer, meta=meta, projection=projection, step_decoder=step_decoder,
+                    assistant=assistant, assistant_tokenizer=assistant_tok)
 
 
 def main(argv: list[str] | None = None) -> int:

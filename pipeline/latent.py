@@ -73,6 +73,34 @@ def cot_text(steps, answer: str) -> str:
     return "".join(step + "\n" for step in steps) + answer_text(answer)
 
 
+# SoftCoT (training in pipeline/methods/softcot.py, inference in evaluation/softcot.py): the soft
+# thoughts overwrite N placeholder embeddings between two delimiter tokens at the end of the base
+# model's user message.
+SOFTCOT_PLACEHOLDER, SOFTCOT_BEGIN, SOFTCOT_END = "<|latent|>", "<bot>", "<eot>"
+
+
+def softcot_assistant_text(question: str, n: int, placeholder: str, instruction: str = "",
+                           initial: str = "") -> str:
+    """`[initial] + instruction + question + "\n" + placeholder × n`: the assistant's input."""
+    return f"{initial}{instruction}{question.strip()}\n" + placeholder * n
+
+
+def softcot_base_prompt(tokenizer, question: str, n: int, placeholder: str, begin: str, end: str,
+                        instruction: str = "", chat_template: bool = True) -> str:
+    """The base model's prompt: the user message `instruction + question + begin + placeholder × n + end`,
+    in the tokenizer's chat template (generation prompt added, its BOS left to the tokenizer) when
+    `chat_template` and the tokenizer has one, else followed by a newline."""
+    user = f"{instruction}{question.strip()}{begin}{placeholder * n}{end}"
+    if not (chat_template and getattr(tokenizer, "chat_template", None) is not None):
+        return user + "\n"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                         tokenize=False)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 @dataclass
 class RolloutState:
     """Where a batch stands after some forwards over a KV cache."""

@@ -14,6 +14,7 @@ else transformers' AutoConfig. Output format (tests/test_engine_plan.py checks i
       base            <int with commas>  <int>
       lora                          …       …      (adapters + trainable latent-token rows)
       decoder                       …       …      (SIM-CoT step decoder; 0 otherwise)
+      assistant                     …       0      (SoftCoT only: the frozen assistant)
       projection                    …       …
       total                         …       …
     model states per GPU, GB   no offload   offload optim   offload optim+params
@@ -123,12 +124,14 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
     d = _dims(base)
     lora_on = cfg.model.lora.enabled
     base_n = _count(base)
-    params = {"base": (base_n, 0 if lora_on else base_n)}
+    m = cfg.method
+    base_frozen = lora_on or m.name == "softcot"          # SoftCoT: the base is frozen (LoRA adds to it)
+    params = {"base": (base_n, 0 if base_frozen else base_n)}
     lora_n = (_lora_count(base, cfg.model, cfg.model.lora.r) + len(LATENT_TOKENS) * d["hidden"]) if lora_on else 0
     params["lora"] = (lora_n, lora_n)
-    m = cfg.method
     latent_base = m.simcot.base if m.name == "simcot" else m.name
-    n_latents = {"codi": m.num_latents, "coconut": m.coconut.max_latent_stage * m.coconut.c_thought}.get(latent_base, 0)
+    n_latents = {"codi": m.num_latents, "coconut": m.coconut.max_latent_stage * m.coconut.c_thought,
+                 "softcot": m.softcot.num_thoughts}.get(latent_base, 0)
     dec_n, dec_dims = 0, None
     if m.name == "simcot":
         if m.simcot.decoder == "full":
@@ -140,7 +143,13 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
             dec_dims = _dims(dec_model)
             dec_n = _count(dec_model) + d["hidden"] * dec_dims["hidden"] + dec_dims["hidden"]
     params["decoder"] = (dec_n, dec_n)
-    proj_n = 0
+    proj_n, assist_dims = 0, None
+    if m.name == "softcot":     # a frozen assistant + Linear(d_assist → d_base)
+        assistant = _meta(ModelConfig(name_or_path=m.softcot.assistant_model, gguf_file=m.softcot.assistant_gguf_file,
+                                      tiny=cfg.model.tiny))
+        assist_dims = _dims(assistant)
+        params["assistant"] = (_count(assistant), 0)
+        proj_n = assist_dims["hidden"] * d["hidden"] + d["hidden"]
     if latent_base == "codi" and m.codi.projection:
         h, inner = d["hidden"], m.codi.projection_inner_size or d["hidden"]
         proj_n = 2 * h * inner + inner + h + 2 * h       # Linear, Linear, LayerNorm
@@ -161,10 +170,13 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
     # Activations of one micro batch through the rollout (no activation checkpointing).
     seq = cfg.data.max_tokens or DEFAULT_SEQ
     micro = cfg.train.per_device_train_batch_size
-    passes = {"cot": seq, "nocot": seq, "coconut": seq + n_latents + 2, "codi": 2 * seq + n_latents + 2}
+    passes = {"cot": seq, "nocot": seq, "coconut": seq + n_latents + 2, "codi": 2 * seq + n_latents + 2,
+              "softcot": seq + n_latents + 2}
     main_tokens = micro * passes[latent_base]
     dec_tokens = micro * n_latents * (1 + m.simcot.max_step_tokens) if dec_dims else 0
     acts = {"rollout": main_tokens * d["layers"] * _act_bytes_per_token(d, width)}
+    if assist_dims:             # no grad through the assistant: one layer's activations at a time
+        acts["assistant"] = micro * (seq + n_latents) * _act_bytes_per_token(assist_dims, width)
     logit_tokens = main_tokens
     if dec_dims:
         acts["step decoder"] = dec_tokens * dec_dims["layers"] * _act_bytes_per_token(dec_dims, width)
@@ -188,6 +200,7 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
     model_line = (f"{cfg.model.name_or_path} ({base.config.model_type}, hidden {d['hidden']}, {d['layers']} layers, "
                   f"vocab {d['vocab']} incl. {len(LATENT_TOKENS)} latent tokens), dtype {cfg.model.dtype}")
     method_line = m.name + (f" (base {m.simcot.base}, decoder {m.simcot.decoder})" if m.name == "simcot" else "") \
+        + (f" (assistant {m.softcot.assistant_model})" if m.name == "softcot" else "") \
         + f", {n_latents} latents"
     accum = cfg.train.gradient_accumulation_steps
     cluster_line = (f"{world} GPUs = {nodes} node{'s' if nodes > 1 else ''} x {per_node}, {gpu_memory_gb:g} GB each; "

@@ -96,6 +96,8 @@ def stage_run(stage: int, tmp: Path, zero3_template: str) -> Path:
             codi = next(v for v in variants if v["name"] == "codi")
             codi["overrides"] = codi["overrides"] + ["train.export=true"]
             codi["live_logits"] = True
+            softcot = next(v for v in variants if v["name"] == "softcot")   # frozen weights checked in its export
+            softcot["overrides"] = softcot["overrides"] + ["train.export=true"]
         out = tmp / f"zero{stage}"
         launch({"out": str(out), "variants": variants}, tmp)
         _STAGE_RUNS[stage] = out
@@ -115,7 +117,7 @@ def test_every_method_matches_single_process(stage, tmp, zero3_template, referen
 
 def test_zero3_equals_zero0_on_two_ranks(tmp, zero3_template):
     z0, z3 = stage_run(0, tmp, zero3_template), stage_run(3, tmp, zero3_template)
-    for name in ("cot", "coconut", "codi", "simcot_full", "simcot_shared_coconut"):
+    for name in ("cot", "coconut", "codi", "simcot_full", "simcot_shared_coconut", "softcot"):
         assert result(z3, name)["losses"] == pytest.approx(result(z0, name)["losses"], rel=1e-5), name
 
 
@@ -140,6 +142,28 @@ def test_zero3_export_live_and_offline(tmp, zero3_template):
         torch.testing.assert_close(offline.model(input_ids=PROBE_IDS).logits, live, atol=1e-5, rtol=1e-5)
     for a, b in zip(offline.projection.state_dict().values(), exported.projection.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_zero3_softcot_trains_only_the_projection(tmp, zero3_template):
+    """SoftCoT under ZeRO-3 on 2 ranks: the partitioned frozen base and assistant come out of the
+    live export bit-identical to a fresh build; the projection moved."""
+    from transformers import AutoTokenizer
+
+    from pipeline.config import load_config
+    from pipeline.export import load_exported
+    from pipeline.train import build_module
+
+    run_dir = stage_run(3, tmp, zero3_template) / "softcot"
+    exported = load_exported(run_dir / "export")
+    assert exported.meta["method"] == "softcot" and exported.assistant is not None
+    cfg = load_config(run_dir / "config.yaml")
+    fresh, _, _ = build_module(cfg, AutoTokenizer.from_pretrained(str(run_dir / "export")))
+    for name, live in (("lm", exported.model), ("assistant", exported.assistant)):
+        want = fresh.parts[name].state_dict()
+        got = live.state_dict()
+        assert want.keys() == got.keys(), name
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+    assert not torch.equal(fresh.parts["projection"].weight, exported.projection.weight)
 
 
 def test_rank_asymmetric_batches_finish(tmp, zero3_template):

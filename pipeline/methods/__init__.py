@@ -1,10 +1,10 @@
 """Method registry and the one nn.Module that holds every part a method trains.
 
-Each method is one module (`cot`, `coconut`, `codi`, `simcot`) exposing three plain functions,
+Each method is one module (`cot`, `coconut`, `codi`, `simcot`, `softcot`) exposing three plain functions,
 with no inheritance between methods:
 
     build_parts(cfg: Config, loaded: LoadedModel) -> nn.ModuleDict
-        {"lm": causal LM (maybe peft), optional "projection", "decoder", "decoder_proj", ...}
+        {"lm": causal LM (maybe peft), optional "projection", "decoder", "decoder_proj", "assistant", ...}
     make_collate(cfg: Config, loaded: LoadedModel, parts: nn.ModuleDict) -> Callable[[list[Example], int], dict]
         examples + curriculum stage -> a batch dict of tensors (and plain python metadata)
     compute_loss(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext)
@@ -26,7 +26,7 @@ from pipeline.config import Config
 
 METHOD_MODULES = {"cot": "pipeline.methods.cot", "nocot": "pipeline.methods.cot",
                   "coconut": "pipeline.methods.coconut", "codi": "pipeline.methods.codi",
-                  "simcot": "pipeline.methods.simcot"}
+                  "simcot": "pipeline.methods.simcot", "softcot": "pipeline.methods.softcot"}
 
 
 def _single_process_max(value: int) -> int:

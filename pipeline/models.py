@@ -152,9 +152,10 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, device: 
     """Model + tokenizer with latent tokens, resized once, LoRA applied when configured."""
     token_ids = add_latent_tokens(tokenizer)
     model = load_base_model(cfg, len(tokenizer), device)
-    if model.get_input_embeddings().num_embeddings != len(tokenizer):
-        # mean_resizing initialises new rows from the embedding statistics, not noise.
+    old_vocab = model.get_input_embeddings().num_embeddings
+    if old_vocab != len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        _init_new_rows_from_statistics(model, old_vocab)
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.name_or_path in ("tiny-llama", "tiny-gpt2"):
         # Random-init configs carry the architecture's default special ids (LLaMA: eos 2), which in
@@ -171,6 +172,28 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, device: 
         model = apply_lora(model, cfg, new_token_ids=sorted(token_ids.values()))
     return LoadedModel(model=model, tokenizer=tokenizer, token_ids=token_ids,
                        hidden_size=model.config.get_text_config().hidden_size)
+
+
+@torch.no_grad()
+def _init_new_rows_from_statistics(model: PreTrainedModel, old_vocab: int) -> None:
+    """New token rows (input and, if untied, output embedding) drawn from the existing rows'
+    per-dimension mean and std, so a pretrained model sees them at its own scale rather than at
+    `initializer_range` noise (which matters where they stay frozen, e.g. SoftCoT's delimiters).
+
+    transformers' `mean_resizing` does this with the full d x d covariance, which costs minutes
+    at LLaMA-8B scale (128k x 4096); the diagonal is enough for a starting point.
+    """
+    generator = torch.Generator().manual_seed(0)
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(output.weight)
+    for weight in matrices:
+        if weight.shape[0] <= old_vocab:
+            continue
+        old = weight[:old_vocab].float()
+        noise = torch.randn(weight.shape[0] - old_vocab, weight.shape[1], generator=generator)
+        weight[old_vocab:] = (old.mean(0) + noise * old.std(0)).to(weight.dtype)
 
 
 def lora_targets(model: PreTrainedModel, cfg: ModelConfig) -> list[str]:

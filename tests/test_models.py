@@ -113,3 +113,29 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tok_dir):
         results.append((loss.detach(), loaded.model.get_input_embeddings().weight.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_new_token_rows_match_the_pretrained_scale(tok_dir, tmp_path):
+    """Latent-token rows start at the pretrained rows' per-dimension mean/std, not at init noise:
+    a "pretrained" model whose embeddings are 10x the init scale gets new rows at that scale."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models import tiny_model_config
+
+    base_tok = AutoTokenizer.from_pretrained(str(tok_dir))          # saved before latent tokens were added
+    assert LATENT_TOKENS["bot"] not in base_tok.get_vocab()
+    pretrained = AutoModelForCausalLM.from_config(tiny_model_config("tiny-llama", tiny_cfg().tiny, len(base_tok)))
+    with torch.no_grad():
+        pretrained.get_input_embeddings().weight.mul_(10)
+        pretrained.get_output_embeddings().weight.mul_(10)
+    pretrained.save_pretrained(tmp_path / "m")
+    base_tok.save_pretrained(tmp_path / "m")
+    cfg = ModelConfig(name_or_path=str(tmp_path / "m"))
+    loaded = load_model(cfg, load_tokenizer(cfg))
+    old_vocab = len(base_tok)
+    for weight in (loaded.model.get_input_embeddings().weight, loaded.model.get_output_embeddings().weight):
+        old, new = weight[:old_vocab], weight[old_vocab:]
+        assert new.shape[0] == len(LATENT_TOKENS)
+        assert not torch.allclose(new[0], new[1])                      # distinct rows
+        ratio = float(new.std() / old.std())
+        assert 0.5 < ratio < 2.0, ratio

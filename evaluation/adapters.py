@@ -205,21 +205,17 @@ def _prepare(tokenizer, decode: DecodeConfig) -> DecodeConfig:
     return decode
 
 
-def _device(model):
-    return model.get_input_embeddings().weight.device
-
-
 def _decode(model, tokenizer, decode: DecodeConfig, prompts: list[str], instances, seed: int,
             **latent_kw) -> list[Generation]:
     """Decode a batch through pipeline.latent (explicit decoding = 0 latents, no start/end token)."""
-    from pipeline.latent import generate_with_latents
+    from pipeline.latent import generate_with_latents, model_device
 
     k = decode.num_samples
     prompts = [p for p in prompts for _ in range(k)]
     gen = generate_with_latents(
         model, tokenizer, prompts, max_new_tokens=decode.max_new_tokens,
         do_sample=decode.do_sample, temperature=decode.temperature, top_p=decode.top_p,
-        generator=batch_generator(seed, instances, _device(model)) if decode.do_sample else None,
+        generator=batch_generator(seed, instances, model_device(model)) if decode.do_sample else None,
         **latent_kw)
     return _group(gen.texts, gen.num_generated, k, latent_kw.get("num_latents", 0))
 

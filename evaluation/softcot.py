@@ -120,7 +120,7 @@ class SoftCoTAdapter:
     @torch.no_grad()
     def thoughts(self, questions: list[str], initial: str, n: int) -> torch.Tensor:
         """Soft thoughts [B, n, d_base] from one assistant forward."""
-        from pipeline.latent import forward_step, left_pad, softcot_assistant_text
+        from pipeline.latent import forward_step, left_pad, model_device, softcot_assistant_text
 
         texts = [softcot_assistant_text(q, n, self.a_ph, self.assistant_instruction, initial) for q in questions]
         ids = [self.a_tok(t).input_ids for t in texts]
@@ -128,7 +128,7 @@ class SoftCoTAdapter:
         if any(seq[-n:] != [ph_id] * n for seq in ids) and n:
             raise ValueError(f"assistant placeholder {self.a_ph!r} does not tokenize to one token")
         ids_t, mask = left_pad(ids, self.a_tok.pad_token_id)
-        dev = self.assistant.get_input_embeddings().weight.device
+        dev = model_device(self.assistant)
         out, _ = forward_step(self.assistant, self.assistant.get_input_embeddings()(ids_t.to(dev)),
                               mask.to(dev), None)
         hidden = out.hidden_states[-1][:, ids_t.shape[1] - n:] if n else out.hidden_states[-1][:, :0]
@@ -145,12 +145,12 @@ class SoftCoTAdapter:
     def decode_with_thoughts(self, questions: list[str], thoughts: torch.Tensor,
                              generator) -> tuple[list[str], list[int]]:
         """Base-model decoding with the thoughts spliced in; stops per row at EOS."""
-        from pipeline.latent import forward_step, left_pad
+        from pipeline.latent import forward_step, left_pad, model_device
 
         n = thoughts.shape[1]
         ids = [self.b_tok(self.base_prompt(q, n)).input_ids for q in questions]
         ids_t, mask = left_pad(ids, self.b_tok.pad_token_id)
-        dev = self.base.get_input_embeddings().weight.device
+        dev = model_device(self.base)
         ids_t, mask = ids_t.to(dev), mask.to(dev)
         emb = self.base.get_input_embeddings()(ids_t)                       # [B, T, d]
         slots = (ids_t == self.b_ph_id) & mask.bool()
@@ -178,8 +178,10 @@ class SoftCoTAdapter:
     def generate(self, instances, seed, num_latents=None):
         n = self.default_num_latents if num_latents is None else num_latents
         k = max(1, self.decode.num_samples)
+        from pipeline.latent import model_device
+
         questions = [inst.question for inst in instances]
-        dev = self.base.get_input_embeddings().weight.device
+        dev = model_device(self.base)
         gen = batch_generator(seed, instances, dev) if self.decode.do_sample else None
         per_inst: list[list[str]] = [[] for _ in instances]
         tokens = [0] * len(instances)

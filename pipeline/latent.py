@@ -159,6 +159,11 @@ def rollout_latents(model, state: RolloutState, num_latents: int, *,
     return torch.stack(latents, dim=1), state, outputs
 
 
+def model_device(model) -> torch.device:
+    """Where the model's input embedding (and so its inputs) lives."""
+    return model.get_input_embeddings().weight.device
+
+
 def _embed_dtype(model) -> torch.dtype:
     return model.get_input_embeddings().weight.dtype
 
@@ -187,7 +192,7 @@ def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: 
     With `num_latents=0` and no start/end tokens this is plain explicit decoding, with the same
     batch-invariant masking. The batch ends when every row has produced EOS.
     """
-    device = model.get_input_embeddings().weight.device
+    device = model_device(model)
     ids = [tokenizer(p).input_ids for p in prompts]
     if start_token is not None:
         ids = [seq + [tokenizer.convert_tokens_to_ids(start_token)] for seq in ids]

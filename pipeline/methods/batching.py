@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.latent import ANSWER_PREFIX, answer_text, left_pad, question_prompt, right_pad
+from pipeline.latent import ANSWER_PREFIX, answer_text, left_pad, model_device, question_prompt, right_pad  # noqa: F401 (model_device re-exported for methods)
 from pipeline.losses import IGNORE_INDEX
 
 
@@ -79,10 +79,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def optional_part(parts, name: str):
     """parts[name] or None (nn.ModuleDict has no .get())."""
     return dict(parts.items()).get(name)
-
-
-def model_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 def suffix_logits(prev_last: Tensor, suffix: Tensor) -> Tensor:

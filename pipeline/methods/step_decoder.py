@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import Config, ModelConfig
-from pipeline.latent import forward_step, positions_from_mask
+from pipeline.latent import forward_step, model_device, positions_from_mask
 from pipeline.losses import IGNORE_INDEX, causal_lm_ce, masked_mean
 from pipeline.methods.batching import encode
 from pipeline.models import load_base_model, load_tokenizer, lora_targets, unwrap_base
@@ -215,7 +215,7 @@ def explain_loss(parts: nn.ModuleDict, cfg: Config, latents: Tensor | None, batc
     bsz = step_ids.shape[0]
     n = 0 if latents is None else latents.shape[1]
     model, ctx, to_input = _decoder(parts, cfg)
-    device = model.get_input_embeddings().weight.device
+    device = model_device(model)
     step_ids, step_mask, has = step_ids.to(device), step_mask.to(device), has.to(device)
     if n > step_ids.shape[1]:                                  # latent columns without targets
         extra = n - step_ids.shape[1]

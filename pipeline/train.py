@@ -84,7 +84,8 @@ def load_run_tokenizer(cfg: Config, output_dir: str | Path):
     if builds and is_rank0() and not (build_dir / "tokenizer.json").is_file():
         load_tokenizer(cfg.model, build_dir=build_dir, build_texts=default_tokenizer_texts())
     barrier()
-    return load_tokenizer(cfg.model, build_dir=build_dir, build_texts=default_tokenizer_texts() if builds else None)
+    # After the barrier the built tokenizer is on disk: every rank just reads it.
+    return load_tokenizer(cfg.model, build_dir=build_dir)
 
 
 def load_examples(cfg: Config, tokenizer, log=print) -> list:

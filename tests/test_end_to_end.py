@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch_env import child_env
 
 from evaluation.adapters import DecodeConfig, LatentAdapter
 from evaluation.benchmarks import load_benchmark
@@ -22,8 +23,7 @@ TEST_SLICE = str(ROOT / "tests" / "fixtures" / "gsm8k_aug_test.txt")
 
 
 def train(out: Path, *args: str, timeout: int = 300) -> None:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run([sys.executable, "-m", "pipeline.train", f"train.output_dir={out}", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

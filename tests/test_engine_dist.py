@@ -20,6 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
+from launch_env import child_env  # noqa: E402
 from train_variants import LORA, PROBE_IDS, TINY_OVERRIDES, method_variants  # noqa: E402
 
 SCRIPT = ROOT / "tests" / "dist" / "train_variants.py"
@@ -32,9 +33,7 @@ def launch(spec: dict, tmp: Path, nproc: int = 2, timeout: int = 240, wait: bool
     """torchrun the variants script; the environment is cleaned of this process's own rank vars."""
     spec_file = tmp / f"spec_{int(time.time() * 1e6)}.json"
     spec_file.write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    env = child_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(SCRIPT), str(spec_file)]
     log = open(tmp / f"{spec_file.stem}.log", "w")
@@ -224,10 +223,8 @@ def test_deepspeed_launcher_runs_a_recipe(tmp):
     config = tmp / "tiny.yaml"
     config.write_text("deepspeed: {enabled: true, template: zero2}\n")
     out = tmp / "launcher"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}", NUM_GPUS="2", DS_ACCELERATOR="cpu",
-               OMP_NUM_THREADS="1")
+    env = child_env(PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", NUM_GPUS="2",
+                    OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "launch.sh"), str(config), *TINY_OVERRIDES,
                            "train.per_device_train_batch_size=4", "train.max_steps=2", f"train.output_dir={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)

@@ -3,7 +3,6 @@ invariance, offload, LoRA export as adapter, SIGTERM, optimizer reset. Each run 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
+from launch_env import child_env  # noqa: E402
 from train_variants import LORA, PROBE_IDS, TINY_OVERRIDES  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
@@ -108,9 +108,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"out": str(tmp_path), "variants": [
         {"name": "term", "overrides": overrides, "sleep_s": 0.2}]}))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "dist" / "train_variants.py"), str(spec)],
-                            cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            cwd=ROOT, env=child_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     log = out / "train_log.jsonl"
     deadline = time.time() + 90

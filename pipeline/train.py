@@ -24,10 +24,13 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from pipeline._lazy import LazyModule
 from pipeline.config import Config, ConfigError, dump_config, load_config
+from pipeline.data.sources import DataError, read_section
+
+# Imported on first use, so that main() rejects a bad config or data file before torch loads.
+np = LazyModule("numpy")
+torch = LazyModule("torch")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,8 +60,15 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.plan import format_plan, make_plan
             print(format_plan(make_plan(cfg, args.config, args.gpu_memory_gb, args.gpus_per_node)))
             return 0
+        # Every rank reads and checks the data now, before DeepSpeed and the tokenizer: a malformed
+        # file fails here on every rank alike (exit 2). run() reuses what was read.
+        read_section(cfg, "train")
+        read_section(cfg, "eval")
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"data error: {exc}", file=sys.stderr)
         return 2
     result = run(cfg)
     return 0 if result["step"] >= result["total_steps"] or result["interrupted"] else 1
@@ -90,18 +100,20 @@ def load_run_tokenizer(cfg: Config, output_dir: str | Path):
 
 def load_examples(cfg: Config, tokenizer, log=print) -> list:
     """Every train source read, malformed records counted, filters applied and logged."""
-    from pipeline.data import apply_filters, read_source
-    from pipeline.latent import cot_text, question_prompt
+    from pipeline.data import apply_filters
+    from pipeline.data.lengths import trained_length
+    from pipeline.data.sources import read_section, write_skipped
+    from pipeline.strategy import is_rank0
 
-    examples = []
-    for i, src in enumerate(cfg.data.train):
-        result = read_source(src.format, src.path, src.split, cfg.data.on_malformed, src.max_examples)
-        log(f"data.train.{i}: {len(result.examples)} examples from {src.path}"
-            + (f" ({len(result.skipped)} malformed skipped)" if result.skipped else ""))
-        examples += result.examples
-
-    def count_tokens(ex) -> int:   # the explicit (teacher) sequence, the longest any method trains
-        return len(tokenizer(question_prompt(ex.question) + cot_text(ex.steps, ex.answer)).input_ids) + 1
+    data = read_section(cfg, "train")           # already read (and cached) by main()
+    for i, (path, n, skipped) in enumerate(data.per_source):
+        log(f"data.train.{i}: {n} examples from {path}" + (f" ({skipped} malformed skipped)" if skipped else ""))
+    examples = data.examples
+    if cfg.data.on_malformed == "skip" and is_rank0():
+        skipped = data.skipped + (read_section(cfg, "eval").skipped if cfg.data.eval else [])
+        log(f"data: {len(skipped)} malformed records skipped, listed in "
+            f"{write_skipped(cfg.train.output_dir, skipped)}")
+    count_tokens = trained_length(cfg, tokenizer)   # the longest sequence the configured method trains
 
     kept, _ = apply_filters(examples, drop_last_step=cfg.data.drop_last_step,
                             require_digit_answer=cfg.data.require_digit_answer, max_tokens=cfg.data.max_tokens,

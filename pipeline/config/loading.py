@@ -18,15 +18,26 @@ from pipeline.config.validation import validate
 
 # --------------------------------------------------------------------------- loading
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Map each dotted key path of a YAML document to its 1-based line, for error messages."""
+def _key_lines(text: str, source: str = "<yaml>") -> dict[str, int]:
+    """Map each dotted key path of a YAML document to its 1-based line, for error messages.
+
+    A key given twice in one mapping raises ConfigError naming both lines (safe loading: compose
+    builds nodes only, no Python objects)."""
     lines: dict[str, int] = {}
 
     def walk(node: yaml.Node, prefix: str) -> None:
         if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *base` may be overridden
+                    continue
                 path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-                lines[path] = key_node.start_mark.line + 1
+                line = key_node.start_mark.line + 1
+                if path in seen:
+                    # PyYAML keeps the last value silently; a typo'd copy-paste would win unnoticed.
+                    raise ConfigError(f"{source}: duplicate key {path!r} at line {line} "
+                                      f"(first given at line {seen[path]})")
+                seen[path] = lines[path] = line
                 walk(value_node, path)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
@@ -94,8 +105,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} does not exist")
         text = file.read_text()
         try:
+            lines = _key_lines(text, source)      # first: rejects duplicate keys before they collapse
             tree = yaml.safe_load(text) or {}
-            lines = _key_lines(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
         if not isinstance(tree, dict):

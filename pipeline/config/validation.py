@@ -87,7 +87,13 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
         for i, src in enumerate(sources):
             if not src.path:
                 fail(f"{section}.{i}.path", "is empty")
-            if src.format != "hf" and not Path(src.path).is_file():
+            if src.format != "hf" and Path(src.path).is_dir():
+                from pipeline.data.sources import DataError, resolve_file   # pure Python
+                try:
+                    resolve_file(src.format, src.path, src.split, f"{section}.{i}.path")
+                except DataError as exc:
+                    raise ConfigError(f"{exc}{where(f'{section}.{i}.path')}") from None
+            elif src.format != "hf" and not Path(src.path).is_file():
                 fail(f"{section}.{i}.path", f"file {src.path} does not exist")
             if src.format == "hf" and _looks_local(src.path) and not Path(src.path).exists():
                 fail(f"{section}.{i}.path", f"local dataset {src.path} does not exist")
@@ -108,6 +114,12 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
 
     # Method combinations.
     latent = cfg.method.name in LATENT_METHODS
+    on_codi = cfg.method.name == "codi" or (cfg.method.name == "simcot" and cfg.method.simcot.base == "codi")
+    if on_codi and cfg.data.drop_last_step and not cfg.method.codi.include_last_step:
+        # Both remove the final step: the teacher would silently train without the last two.
+        fail("data.drop_last_step", "true together with method.codi.include_last_step=false drops the last "
+             "two steps from CODI's teacher; CODI already drops the last step, so set data.drop_last_step=false "
+             "(or method.codi.include_last_step=true to drop exactly one)")
     if cfg.model.gradient_checkpointing and latent:
         # transformers drops a passed-in KV cache under gradient checkpointing, silently
         # changing the latent rollout's loss (see docs/DESIGN.md).

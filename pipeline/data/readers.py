@@ -164,13 +164,22 @@ def _free_text_steps(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return lines, lines
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, line without newline) for non-blank lines."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.rstrip("\r\n")
+def _iter_lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """Yield (1-based line number, line without newline) for non-blank lines; None for a line
+    that is not UTF-8 (decoded per line, so the error names the line and skipping can go on)."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                yield lineno, None
+                continue
             if line.strip():
                 yield lineno, line
+
+
+def _not_utf8(line: None, where: str) -> Example:
+    raise DataFormatError(where, "not UTF-8 text")
 
 
 # --------------------------------------------------------------------------- line formats
@@ -194,7 +203,7 @@ def _read_lines(path: str | Path, parse, on_malformed: str, max_examples: int | 
     for lineno, line in _iter_lines(path):
         if out.full:
             break
-        out.take(parse, line, f"{name}:{lineno}")
+        out.take(parse if line is not None else _not_utf8, line, f"{name}:{lineno}")
     return out.result
 
 
@@ -260,6 +269,8 @@ def _read_steps_json(path: str | Path, on_malformed: str, max_examples: int | No
             records = json.load(fh)
     except json.JSONDecodeError as err:
         raise DataFormatError(f"{name}:{err.lineno}", f"invalid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise DataFormatError(name, "not UTF-8 text") from None
     if not isinstance(records, list):
         raise DataFormatError(name, f"expected a JSON list of records, got {type(records).__name__}")
     for i, rec in enumerate(records):

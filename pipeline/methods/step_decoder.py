@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -148,6 +149,27 @@ def align_steps(steps, num_latents: int, latents_per_step: int = 1) -> list[str 
     return [texts[k // latents_per_step] if k < groups * latents_per_step else None for k in range(num_latents)]
 
 
+# Step targets cut to max_step_tokens, over this process's lifetime: {"targets": seen, "cut": cut}.
+TRUNCATED = {"targets": 0, "cut": 0}
+_log = logging.getLogger(__name__)
+
+
+def _count_truncated(encoded: list[list[list[int] | None]], max_tokens: int) -> None:
+    """Count targets longer than max_tokens - 1 (+ EOS) and log the running total when it first
+    becomes non-zero and each time it doubles, so a cut never goes unnoticed nor floods the log."""
+    before = TRUNCATED["cut"]
+    for row in encoded:
+        for t in row:
+            if t is not None:
+                TRUNCATED["targets"] += 1
+                TRUNCATED["cut"] += len(t) > max_tokens - 1
+    cut = TRUNCATED["cut"]
+    if cut > before and (before == 0 or cut.bit_length() > before.bit_length()):
+        _log.warning("method.simcot.max_step_tokens=%d: %d of %d step targets so far were longer and cut "
+                     "to their first %d tokens + EOS; raise max_step_tokens to keep them whole",
+                     max_tokens, cut, TRUNCATED["targets"], max_tokens - 1)
+
+
 def encode_targets(targets: list[list[str | None]], tokenizer, max_tokens: int) -> dict[str, Tensor]:
     """Tokenize each latent's step text + EOS and pad ONCE over the whole batch.
 
@@ -157,8 +179,10 @@ def encode_targets(targets: list[list[str | None]], tokenizer, max_tokens: int) 
     """
     eos = tokenizer.eos_token_id
     n = max((len(row) for row in targets), default=0)
-    seqs = [[(encode(tokenizer, t)[: max_tokens - 1] + [eos]) if t is not None else [] for t in row]
-            + [[]] * (n - len(row)) for row in targets]
+    encoded = [[encode(tokenizer, t) if t is not None else None for t in row] for row in targets]
+    _count_truncated(encoded, max_tokens)
+    seqs = [[(t[: max_tokens - 1] + [eos]) if t is not None else [] for t in row]
+            + [[]] * (n - len(row)) for row in encoded]
     width = max([1] + [len(s) for row in seqs for s in row])
     ids = torch.full((len(targets), n, width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(targets), n, width), dtype=torch.long)

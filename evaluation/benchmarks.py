@@ -46,6 +46,7 @@ class Benchmark:
     name: str
     path: str
     instances: list[Instance] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)   # "path:line: field …: reason" (on_malformed="skip")
 
 
 class BenchmarkFormatError(ValueError):
@@ -149,9 +150,10 @@ def _read_json_records(path: str, array_key: str | None = None) -> Iterator[tupl
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise BenchmarkFormatError(path, lineno, None, f"invalid JSON: {e.msg}") from None
+            value = BenchmarkFormatError(path, lineno, None, f"invalid JSON: {e.msg}")   # raised by the caller
+        yield lineno, value
 
 
 def _read_text_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -259,6 +261,63 @@ def _multiarith(rec, where):
             _steps(rec.get("lEquations"), "lEquations", where), None if idx is None else str(idx))
 
 
+def _field(rec, where: _Where, *names: str):
+    """The first of ``names`` present in ``rec`` (ASDiv's XML tags or their lower-case JSONL keys)."""
+    if not isinstance(rec, dict):
+        raise where.error(None, f"expected a JSON object, got {type(rec).__name__}")
+    for name in names:
+        if name in rec:
+            return name, rec[name]
+    raise where.error(names[0], "missing")
+
+
+def _asdiv(rec, where):
+    """ASDiv (Miao et al. 2020): Body + Question; Answer "9 (apples)" (the unit in parentheses)."""
+    body_key, body = _field(rec, where, "Body", "body")
+    q_key, question = _field(rec, where, "Question", "question")
+    a_key, answer = _field(rec, where, "Answer", "answer")
+    for key, value in ((body_key, body), (q_key, question)):
+        if not isinstance(value, str):
+            raise where.error(key, f"expected str, got {type(value).__name__}")
+    if isinstance(answer, str):
+        answer = re.sub(r"\s*\(.*?\)\s*$", "", answer.strip())    # drop the unit: "9 (apples)" -> "9"
+        if not re.fullmatch(r"[-+]?[\d,]*\.?\d+", answer):
+            raise where.error(a_key, f"expected a number (with an optional unit), got {rec[a_key]!r:.60}")
+    formula = rec.get("Formula", rec.get("formula"))
+    own_id = rec.get("ID", rec.get("id"))
+    return (f"{body.strip()} {question.strip()}", _number(answer, a_key, where), "numeric", None,
+            (formula,) if isinstance(formula, str) and formula.strip() else (), own_id)
+
+
+def _read_asdiv_xml(path: str) -> Iterator[tuple[int, Any]]:
+    """(line, {tag: text, "ID": …}) per ``<Problem>`` of ASDiv's published ``ASDiv.xml``.
+
+    The stdlib ElementTree (expat) never fetches external entities or DTDs; a document that declares
+    entities is refused anyway, so entity-expansion tricks cannot run either.
+    """
+    import xml.etree.ElementTree as ET
+
+    text = Path(path).read_text(encoding="utf-8")
+    if "<!ENTITY" in text:
+        raise BenchmarkFormatError(path, _line_of(text, text.index("<!ENTITY")), None,
+                                   "XML entity declarations are not allowed")
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as e:
+        raise BenchmarkFormatError(path, e.position[0], None, f"invalid XML: {e}") from None
+    problems = root.iter("Problem")
+    offset = 0
+    for problem in problems:
+        pid = problem.get("ID")
+        # ElementTree keeps no line numbers: find the element's own tag in the text, in document order.
+        found = text.find(f'ID="{pid}"', offset) if pid is not None else text.find("<Problem", offset)
+        offset = found + 1 if found >= 0 else offset
+        rec = {child.tag: (child.text or "") for child in problem}
+        if pid is not None:
+            rec["ID"] = pid
+        yield (_line_of(text, found) if found >= 0 else None), rec
+
+
 _PROSQA_Q = re.compile(r"Is (\w+) an? (\w+) or (\w+)\?\s*$")
 
 
@@ -345,6 +404,11 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
     BenchmarkSpec("gsm_hard", _gsm_hard, "gsm_hard/gsmhardv2.jsonl", hf="reasoning-machines/gsm-hard:train"),
     BenchmarkSpec("svamp", _svamp, "svamp/SVAMP.json", hf="ChilleD/SVAMP:test"),
     BenchmarkSpec("multiarith", _multiarith, None, hf="ChilleD/MultiArith:test"),
+    # AddSub and SingleEq come in the same MAWPS JSON layout as MultiArith (iIndex, sQuestion,
+    # lEquations, lSolutions).
+    BenchmarkSpec("addsub", _multiarith, None),
+    BenchmarkSpec("singleeq", _multiarith, None),
+    BenchmarkSpec("asdiv", _asdiv, None),          # ASDiv.xml as published, or JSON(L) of the same fields
     BenchmarkSpec("prosqa", _prosqa, "prosqa/prosqa_test.json"),
     BenchmarkSpec("prontoqa", _prontoqa, "prontoqa/prontoqa_test.json"),
     BenchmarkSpec("commonsenseqa", _commonsenseqa, "commonsenseqa/dev_rand_split.jsonl",
@@ -354,7 +418,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in [
 ]}
 ALIASES = {"gsm8k-aug": "gsm8k_aug", "gsm8kaug": "gsm8k_aug", "gsmhard": "gsm_hard", "gsm-hard": "gsm_hard",
            "csqa": "commonsenseqa", "commonsense_qa": "commonsenseqa", "strategy_qa": "strategyqa",
-           "aqua_rat": "aqua", "multi_arith": "multiarith"}
+           "aqua_rat": "aqua", "multi_arith": "multiarith",
+           "add_sub": "addsub", "single_eq": "singleeq"}
 
 
 def canonical_name(name: str) -> str:
@@ -378,8 +443,14 @@ def _hf_rows(spec: str) -> Iterator[tuple[str, Any]]:
 
 
 def load_benchmark(name: str, path: str | os.PathLike | None = None, *, limit: int | None = None,
-                   data_dir: str | os.PathLike | None = None) -> Benchmark:
-    """Read benchmark ``name`` from ``path`` (default: its file under the data dir; ``hf:…`` = hub)."""
+                   data_dir: str | os.PathLike | None = None, on_malformed: str = "error") -> Benchmark:
+    """Read benchmark ``name`` from ``path`` (default: its file under the data dir; ``hf:…`` = hub).
+
+    ``on_malformed="skip"``: a malformed record (or JSON line) is left out and its message kept in
+    ``Benchmark.skipped``; instance ids stay the record's position, so they do not shift.
+    """
+    if on_malformed not in ("error", "skip"):
+        raise ValueError(f"on_malformed must be 'error' or 'skip', got {on_malformed!r}")
     spec = BENCHMARKS[canonical_name(name)]
     if path is None:
         if spec.default_path is None:
@@ -395,17 +466,29 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, *, limit: i
     rows: Iterator[tuple[_Where, Any, bool]]
     if path.startswith("hf:"):
         rows = ((_Where(w, None), r, False) for w, r in _hf_rows(path[3:]))
+    elif Path(path).is_dir():
+        raise FileNotFoundError(f"benchmark {spec.name!r}: {path} is a directory, not a file")
     elif not Path(path).is_file():
         raise FileNotFoundError(f"benchmark {spec.name!r}: no file {path}")
+    elif spec.name == "asdiv" and path.endswith(".xml"):
+        rows = ((_Where(path, n), rec, False) for n, rec in _read_asdiv_xml(path))
     elif spec.text_lines is not None and not path.endswith((".json", ".jsonl")):
         rows = ((_Where(path, n), line, True) for n, line in _read_text_lines(path))
     else:
         rows = ((_Where(path, n), rec, False) for n, rec in _read_json_records(path, spec.array_key))
-    instances, seen = [], set()
+    instances, seen, skipped = [], set(), []
     for index, (where, rec, is_text) in enumerate(rows):
         if limit is not None and index >= limit:
             break
-        q, gold, kind, choices, steps, own_id = (spec.text_lines if is_text else spec.convert)(rec, where)
+        try:
+            if isinstance(rec, BenchmarkFormatError):       # an unreadable JSON line
+                raise rec
+            q, gold, kind, choices, steps, own_id = (spec.text_lines if is_text else spec.convert)(rec, where)
+        except BenchmarkFormatError as err:
+            if on_malformed == "error":
+                raise
+            skipped.append(str(err))
+            continue
         inst_id = str(own_id) if own_id is not None else str(index)
         if inst_id in seen:
             inst_id = f"{inst_id}#{index}"
@@ -413,7 +496,7 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, *, limit: i
         where_s = f"{where.path}:{where.line}" if where.line is not None else where.path
         instances.append(Instance(id=inst_id, question=q.strip(), gold=gold, kind=kind,
                                   choices=choices, reference_steps=tuple(steps), source=where_s))
-    return Benchmark(name=spec.name, path=path, instances=instances)
+    return Benchmark(name=spec.name, path=path, instances=instances, skipped=skipped)
 
 
 def parse_benchmark_specs(items: list[str]) -> list[tuple[str, str | None]]:

@@ -27,7 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-from evaluation.benchmarks import BENCHMARKS, default_data_dir, load_benchmark, parse_benchmark_specs
+from evaluation.benchmarks import (BENCHMARKS, BenchmarkFormatError, default_data_dir, load_benchmark,
+                                   parse_benchmark_specs)
 
 __all__ = ["main", "parse_int_list", "build_adapter", "build_parser"]
 
@@ -128,7 +129,14 @@ def _cmd_run(args) -> int:
                     batch_size=args.batch_size, limit=args.limit, progress=not args.no_progress,
                     data_dir=args.data_dir, plots=not args.no_plots)
     # Benchmarks first: a missing or malformed file fails before a model is loaded.
-    benchmarks = [load_benchmark(name, path, limit=cfg.limit, data_dir=cfg.data_dir) for name, path in cfg.benchmarks]
+    benchmarks = [load_benchmark(name, path, limit=cfg.limit, data_dir=cfg.data_dir, on_malformed=args.on_malformed)
+                  for name, path in cfg.benchmarks]
+    if args.on_malformed == "skip" and int(os.environ.get("RANK", "0")) == 0:
+        skipped = [line for b in benchmarks for line in b.skipped]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "skipped_examples.txt").write_text("".join(line + "\n" for line in skipped))
+        print(f"{len(skipped)} malformed benchmark records skipped, listed in {Path(args.out, 'skipped_examples.txt')}",
+              file=sys.stderr)
     results = run(build_adapter(args), cfg, benchmarks)
     if results is not None:
         print(Path(args.out, "results.md").read_text())
@@ -208,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--attn", default="auto", help="auto (flash-attention-2 when usable), sdpa, eager")
     r.add_argument("--data-dir", help=f"benchmark files (default {default_data_dir()})")
     r.add_argument("--out", required=True)
+    r.add_argument("--on-malformed", choices=["error", "skip"], default="error",
+                   help="skip: leave malformed benchmark records out, listed in OUT/skipped_examples.txt")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--no-plots", action="store_true")
     r.set_defaults(func=_cmd_run)
@@ -242,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "run" and not (args.benchmarks or args.benchmark):
         args.benchmarks = ["gsm8k_aug"]
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (BenchmarkFormatError, FileNotFoundError) as exc:   # a data problem: one line, no traceback
+        print(f"data error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

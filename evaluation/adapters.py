@@ -16,8 +16,8 @@ Self-consistency: with ``num_samples > 1`` an adapter returns every sampled text
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -59,15 +59,24 @@ def prompt_for(inst: Instance) -> str:
     return question_prompt(inst.question)
 
 
-def batch_generator(seed: int, instances: Sequence[Instance], device="cpu"):
-    """A torch.Generator seeded by the run seed and the batch's first instance.
+def instance_seed(seed: int, inst: Instance, sample: int = 0, salt: str = "") -> int:
+    """A 63-bit seed from (run seed, benchmark, instance id, sample index[, salt]) alone."""
+    key = f"{int(seed)}|{inst.benchmark}|{inst.id}|{sample}|{salt}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
-    Sampled outputs are then reproducible for the same batch composition (also after a resume).
+
+def batch_generator(seed: int, instances: Sequence[Instance], device="cpu", num_samples: int = 1,
+                    salt: str = ""):
+    """One torch.Generator per decoded row (instance × sample, in that order), each seeded by
+    :func:`instance_seed`.
+
+    Every sampled output then depends only on (seed, benchmark, instance id, sample index), never on
+    the batch size, the other rows of the batch, the rank count or where a resumed run restarted.
     """
     import torch
 
-    salt = zlib.crc32(instances[0].id.encode()) if instances else 0
-    return torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + salt)
+    return [torch.Generator(device=device).manual_seed(instance_seed(seed, inst, j, salt))
+            for inst in instances for j in range(num_samples)]
 
 
 def resolve_attn(requested: str, device: str) -> str:
@@ -215,7 +224,7 @@ def _decode(model, tokenizer, decode: DecodeConfig, prompts: list[str], instance
     gen = generate_with_latents(
         model, tokenizer, prompts, max_new_tokens=decode.max_new_tokens,
         do_sample=decode.do_sample, temperature=decode.temperature, top_p=decode.top_p,
-        generator=batch_generator(seed, instances, model_device(model)) if decode.do_sample else None,
+        generator=batch_generator(seed, instances, model_device(model), k) if decode.do_sample else None,
         **latent_kw)
     return _group(gen.texts, gen.num_generated, k, latent_kw.get("num_latents", 0))
 

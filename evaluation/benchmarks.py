@@ -39,6 +39,7 @@ class Instance:
     choices: tuple[str, ...] | None = None     # option texts (labels A, B, … in order) / ProsQA entities
     reference_steps: tuple[str, ...] = ()
     source: str = ""                           # "gsm8k/test.jsonl:17"
+    benchmark: str = ""                        # canonical name; with id and seed it seeds sampling
 
 
 @dataclass
@@ -495,7 +496,8 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, *, limit: i
         seen.add(inst_id)
         where_s = f"{where.path}:{where.line}" if where.line is not None else where.path
         instances.append(Instance(id=inst_id, question=q.strip(), gold=gold, kind=kind,
-                                  choices=choices, reference_steps=tuple(steps), source=where_s))
+                                  choices=choices, reference_steps=tuple(steps), source=where_s,
+                                  benchmark=spec.name))
     return Benchmark(name=spec.name, path=path, instances=instances, skipped=skipped)
 
 

@@ -48,7 +48,9 @@ def _pick(logits: torch.Tensor, decode: DecodeConfig, generator) -> torch.Tensor
         sorted_p = sorted_p * (sorted_p.cumsum(-1) - sorted_p < decode.top_p)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    from pipeline.latent import sample_rows
+
+    return sample_rows(probs, generator)          # one generator per row: batch-invariant samples
 
 
 class SoftCoTAdapter:
@@ -182,10 +184,12 @@ class SoftCoTAdapter:
 
         questions = [inst.question for inst in instances]
         dev = model_device(self.base)
-        gen = batch_generator(seed, instances, dev) if self.decode.do_sample else None
         per_inst: list[list[str]] = [[] for _ in instances]
         tokens = [0] * len(instances)
-        for initial in self.initial_tokens:
+        for set_index, initial in enumerate(self.initial_tokens):
+            # Fresh per-row streams per thought set: how many draws a row made in the previous set
+            # depends on when the whole batch stopped.
+            gen = batch_generator(seed, instances, dev, k, salt=f"set{set_index}") if self.decode.do_sample else None
             th = self.thoughts(questions, initial, n)                       # [B, n, d]
             rep_q = [q for q in questions for _ in range(k)]
             texts, counts = self.decode_with_thoughts(rep_q, th.repeat_interleave(k, dim=0), gen)

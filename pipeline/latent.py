@@ -186,7 +186,7 @@ def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: 
                           start_token: str | None, end_token: str | None,
                           projection: Callable[[Tensor], Tensor] | None = None, max_new_tokens: int = 64,
                           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                          generator: torch.Generator | None = None) -> LatentGeneration:
+                          generator: torch.Generator | list[torch.Generator] | None = None) -> LatentGeneration:
     """`prompt + start`, `num_latents` latents, `end`, then decode until EOS per row.
 
     With `num_latents=0` and no start/end tokens this is plain explicit decoding, with the same
@@ -248,8 +248,22 @@ def _rollout_recording(model, state, num_latents, projection, record: list):
     return rollout_latents(model, state, num_latents, project=project)
 
 
-def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
-          generator: torch.Generator | None) -> Tensor:
+def sample_rows(probs: Tensor, generator) -> Tensor:
+    """One draw per row of `probs` [B, V] → ids [B].
+
+    `generator` may be one torch.Generator for the batch or a list with one per row: each row then
+    draws from its own stream exactly once per call, so its sample does not depend on which other
+    rows share the batch (evaluation seeds each row by seed, benchmark and instance id).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
+        return torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g) for i, g in enumerate(generator)]
+                         ).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> Tensor:
     if not do_sample:
         return logits.argmax(-1)
     probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
@@ -259,4 +273,4 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float,
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_rows(probs, generator)

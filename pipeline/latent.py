@@ -122,18 +122,38 @@ def forward_step(model, embeds: Tensor, mask: Tensor, state: RolloutState | None
                                                                       device=embeds.device)
     position_ids = positions_from_mask(mask, start)
     full_mask = mask if state is None else torch.cat([state.attention_mask, mask], dim=1)
+    cache = None if state is None else state.past_key_values
     out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
-                past_key_values=None if state is None else state.past_key_values,
-                use_cache=True, output_hidden_states=True)
+                **{_cache_kwarg(model): cache}, use_cache=True, output_hidden_states=True)
     hidden = out.hidden_states[-1]                                   # [B, t, d], after final norm
     has_real = mask.sum(-1) > 0                                      # [B]
     last_col = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)   # [B]
     chunk_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_col]  # [B, d]
     if state is not None:
         chunk_last = torch.where(has_real[:, None], chunk_last, state.last_hidden)
-    new_state = RolloutState(past_key_values=out.past_key_values, attention_mask=full_mask,
+    new_state = RolloutState(past_key_values=_output_cache(out), attention_mask=full_mask,
                              next_position=start + mask.sum(-1), last_hidden=chunk_last)
     return out, new_state
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: `cache` in transformers >= 5.x models that
+    deprecate `past_key_values` (removed in 5.40, FutureWarning until then), else `past_key_values`."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)
+    try:
+        params = inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out):
+    """The returned cache under either name (`cache` in new transformers, `past_key_values` before)."""
+    cache = out.get("cache") if hasattr(out, "get") else getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def rollout_latents(model, state: RolloutState, num_latents: int, *,

@@ -111,7 +111,7 @@ class RolloutState:
 
 
 def forward_step(model, embeds: Tensor, mask: Tensor, state: RolloutState | None,
-                 output_hidden_states: bool = True):
+                 output_hidden_states: bool = True, logits_to_keep: int = 0):
     """Run `model` on `embeds` [B, t, d] with mask [B, t] over the cache in `state`.
 
     Returns (model output, new state). Position ids continue from the state; masked (padding)
@@ -124,7 +124,8 @@ def forward_step(model, embeds: Tensor, mask: Tensor, state: RolloutState | None
     full_mask = mask if state is None else torch.cat([state.attention_mask, mask], dim=1)
     cache = None if state is None else state.past_key_values
     out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
-                **{_cache_kwarg(model): cache}, use_cache=True, output_hidden_states=True)
+                **{_cache_kwarg(model): cache}, use_cache=True, output_hidden_states=True,
+                **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}))
     hidden = out.hidden_states[-1]                                   # [B, t, d], after final norm
     has_real = mask.sum(-1) > 0                                      # [B]
     last_col = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)   # [B]
@@ -158,7 +159,7 @@ def _output_cache(out):
 
 def rollout_latents(model, state: RolloutState, num_latents: int, *,
                     project: Callable[[Tensor], Tensor] | None = None,
-                    active: Tensor | None = None) -> tuple[Tensor, RolloutState, list]:
+                    active: Tensor | None = None, logits_to_keep: int = 0) -> tuple[Tensor, RolloutState, list]:
     """Feed `num_latents` continuous thoughts after the prefix already in `state`.
 
     active: [B, n] bool/0-1, which latent slots each row really uses (None = all). Returns
@@ -171,7 +172,8 @@ def rollout_latents(model, state: RolloutState, num_latents: int, *,
         latent = project(source) if project is not None else source
         column = (torch.ones(batch, 1, dtype=torch.long, device=latent.device) if active is None
                   else active[:, k: k + 1].long())
-        out, state = forward_step(model, latent[:, None, :].to(_embed_dtype(model)), column, state)
+        out, state = forward_step(model, latent[:, None, :].to(_embed_dtype(model)), column, state,
+                                  logits_to_keep=logits_to_keep)
         latents.append(latent)
         outputs.append(out)
     if not latents:
@@ -218,7 +220,9 @@ def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: 
         ids = [seq + [tokenizer.convert_tokens_to_ids(start_token)] for seq in ids]
     prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    out, state = forward_step(model, embed(model, prompt_ids), prompt_mask, None)
+    # Decoding reads only the last position's logits: computing them for every prompt position
+    # ([B, T, V]) was most of the prefill's lm_head cost (issue 12.5).
+    out, state = forward_step(model, embed(model, prompt_ids), prompt_mask, None, logits_to_keep=1)
     hidden_before = []
     if num_latents:
         latents, state, _ = _rollout_recording(model, state, num_latents, projection, hidden_before)
@@ -226,7 +230,7 @@ def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: 
         latents = state.last_hidden.new_zeros(len(prompts), 0, state.last_hidden.shape[-1])
     if end_token is not None:
         end = torch.full((len(prompts), 1), tokenizer.convert_tokens_to_ids(end_token), device=device)
-        out, state = forward_step(model, embed(model, end), torch.ones_like(end), state)
+        out, state = forward_step(model, embed(model, end), torch.ones_like(end), state, logits_to_keep=1)
     logits = out.logits[:, -1]
     stop = torch.tensor(sorted(stop_token_ids(model, tokenizer)), device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -240,7 +244,7 @@ def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: 
         if bool(done.all()):
             break
         step = next_ids[:, None]
-        out, state = forward_step(model, embed(model, step), torch.ones_like(step), state)
+        out, state = forward_step(model, embed(model, step), torch.ones_like(step), state, logits_to_keep=1)
         logits = out.logits[:, -1]
     texts = [tokenizer.decode([t for t in g if t not in stop.tolist()], skip_special_tokens=True)
              for g in generated]
@@ -265,7 +269,7 @@ def _rollout_recording(model, state, num_latents, projection, record: list):
     def project(h: Tensor) -> Tensor:
         record.append(h)
         return projection(h) if projection is not None else h
-    return rollout_latents(model, state, num_latents, project=project)
+    return rollout_latents(model, state, num_latents, project=project, logits_to_keep=1)
 
 
 def sample_rows(probs: Tensor, generator) -> Tensor:

@@ -167,6 +167,12 @@ class TrainConfig:
     logging_steps: int = 10
     save_steps: int | None = 500       # periodic checkpoints, so a crash mid-run can resume; None = end only
     save_total_limit: int = 2
+    # Validation during training on data.eval (answer accuracy with the harness's latent generation,
+    # plus the loss) every eval_steps optimizer steps; None = never. The best checkpoint by
+    # metric_for_best_model is kept (never pruned) and, with load_best_model_at_end, exported.
+    eval_steps: int | None = None
+    metric_for_best_model: Literal["accuracy", "loss"] = "accuracy"
+    load_best_model_at_end: bool = False
     resume: bool = True                 # resume from the latest checkpoint in output_dir if any
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     export: bool = True

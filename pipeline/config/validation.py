@@ -54,6 +54,7 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
     optional_positive = {
         "train.max_steps": cfg.train.max_steps,
         "train.save_steps": cfg.train.save_steps,
+        "train.eval_steps": cfg.train.eval_steps,
         "data.max_tokens": cfg.data.max_tokens,
         "deepspeed.world_size": cfg.deepspeed.world_size,
         "deepspeed.train_batch_size": cfg.deepspeed.train_batch_size,
@@ -131,6 +132,12 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
             and not cfg.model.lora.enabled:
         fail("method.simcot.decoder", "'shared' adds a LoRA adapter beside the main one: set model.lora.enabled=true "
              "(or use decoder 'full' or 'separate')")
+
+    if cfg.train.eval_steps and not cfg.data.eval:
+        fail("train.eval_steps", "validation during training needs data.eval (e.g. a GSM8k-Aug valid.txt); "
+             "select models on a validation split, never on test")
+    if cfg.train.load_best_model_at_end and not cfg.train.eval_steps:
+        fail("train.load_best_model_at_end", "needs train.eval_steps (the best checkpoint is chosen by validation)")
 
     # DeepSpeed.
     ds = cfg.deepspeed

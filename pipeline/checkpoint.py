@@ -31,6 +31,8 @@ class TrainState:
     micro_in_epoch: int = 0  # micro batches of `epoch` already consumed (this rank's shard)
     stage: int = 0           # Coconut curriculum stage the optimizer state belongs to
     samples: int = 0         # global samples seen
+    best_metric: float | None = None   # validation metric of the best checkpoint (train.eval_steps)
+    best_step: int | None = None
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -77,8 +79,31 @@ def save(strategy: Strategy, output_dir: str | Path, state: TrainState, keep: in
     return root / tag
 
 
+BEST_FILE = "best"     # checkpoints/best: the tag of the best checkpoint by validation
+
+
+def mark_best(output_dir: str | Path, tag: str) -> None:
+    """Record `tag` as the best checkpoint (rank 0; after the checkpoint itself is complete)."""
+    root = checkpoint_root(output_dir)
+    tmp = root / f"{BEST_FILE}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, root / BEST_FILE)
+
+
+def best_tag(output_dir: str | Path) -> str | None:
+    """The best checkpoint's tag, when one is recorded and still on disk."""
+    root = checkpoint_root(output_dir)
+    file = root / BEST_FILE
+    if not file.is_file():
+        return None
+    tag = file.read_text().strip()
+    return tag if (root / tag).is_dir() else None
+
+
 def _prune(root: Path, keep: int, current: str) -> None:
-    tags = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name.split("_")[-1].isdigit()),
+    best = (root / BEST_FILE).read_text().strip() if (root / BEST_FILE).is_file() else None
+    tags = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name.split("_")[-1].isdigit()
+                   and p.name != best),              # the best checkpoint is never pruned
                   key=lambda p: int(p.name.split("_")[-1]))
     current_step = int(current.split("_")[-1])
     # Newer-numbered dirs are leftovers of a killed run that this run has overtaken or will redo.
@@ -87,10 +112,10 @@ def _prune(root: Path, keep: int, current: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(strategy: Strategy, output_dir: str | Path) -> TrainState | None:
-    """Restore model, optimizer, scheduler and RNG from `latest`; None when there is none."""
+def load(strategy: Strategy, output_dir: str | Path, tag: str | None = None) -> TrainState | None:
+    """Restore model, optimizer, scheduler and RNG from `latest` (or `tag`); None when there is none."""
     root = checkpoint_root(output_dir)
-    tag = latest_tag(root)
+    tag = tag or latest_tag(root)
     if tag is None:
         return None
     client = strategy.load_checkpoint(str(root), tag)

@@ -208,11 +208,14 @@ def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: 
                           start_token: str | None, end_token: str | None,
                           projection: Callable[[Tensor], Tensor] | None = None, max_new_tokens: int = 64,
                           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                          generator: torch.Generator | list[torch.Generator] | None = None) -> LatentGeneration:
+                          generator: torch.Generator | list[torch.Generator] | None = None,
+                          all_done: Callable[[bool], bool] | None = None) -> LatentGeneration:
     """`prompt + start`, `num_latents` latents, `end`, then decode until EOS per row.
 
     With `num_latents=0` and no start/end tokens this is plain explicit decoding, with the same
-    batch-invariant masking. The batch ends when every row has produced EOS.
+    batch-invariant masking. The batch ends when every row has produced EOS; `all_done(local)`,
+    when given, turns this rank's answer into the answer of all ranks (validation under ZeRO-3,
+    where every rank must make the same forward calls).
     """
     device = model_device(model)
     ids = [tokenizer(p).input_ids for p in prompts]
@@ -241,7 +244,7 @@ def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: 
             if not done[i]:
                 generated[i].append(int(next_ids[i]))
         done |= torch.isin(next_ids, stop)
-        if bool(done.all()):
+        if (all_done or bool)(bool(done.all())):
             break
         step = next_ids[:, None]
         out, state = forward_step(model, embed(model, step), torch.ones_like(step), state, logits_to_keep=1)

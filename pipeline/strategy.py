@@ -121,6 +121,15 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum of each value over ranks (validation counts). Every rank passes a list of the same length."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["DEFAULT_TEXT_FILES", "EOS_TOKEN", "FIXTURES_DIR", "build_tokenizer", "default_tokenizer_texts"]
+__all__ = ["DEFAULT_TEXT_FILES", "EOS_TOKEN", "FIXTURES_DIR", "build_tokenizer", "default_tokenizer_texts", "file_texts"]
 
 EOS_TOKEN = "<|endoftext|>"
 FIXTURES_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
@@ -121,14 +121,23 @@ def default_tokenizer_texts(
     for path in paths:
         if len(texts) >= max_texts:
             break
-        if path.suffix == ".txt":
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    texts.append(line.replace("||", "\n").replace(" #### ", "\nThe answer is: "))
-        elif path.suffix == ".jsonl":
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    texts.extend(_strings(json.loads(line)))
-        elif path.suffix == ".json":
-            texts.extend(_strings(json.loads(path.read_text(encoding="utf-8"))))
+        texts.extend(file_texts(path))
     return texts[:max_texts]
+
+
+def file_texts(path: str | Path) -> list[str]:
+    """The texts a model sees in one data file: ``.txt`` GSM8k-Aug lines with the separators turned
+    into newlines and the answer prefix; ``.json``/``.jsonl``: every string value of the records."""
+    path = Path(path)
+    texts: list[str] = []
+    if path.suffix == ".txt":
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                texts.append(line.replace("||", "\n").replace(" #### ", "\nThe answer is: "))
+    elif path.suffix == ".jsonl":
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                texts.extend(_strings(json.loads(line)))
+    elif path.suffix == ".json":
+        texts.extend(_strings(json.loads(path.read_text(encoding="utf-8"))))
+    return texts

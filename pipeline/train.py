@@ -136,18 +136,19 @@ def uses_curriculum(cfg: Config) -> bool:
     return cfg.method.name == "coconut" or (cfg.method.name == "simcot" and cfg.method.simcot.base == "coconut")
 
 
-def curriculum_stage(cfg: Config, epoch: int) -> int:
-    """Coconut stage of an epoch (also SIM-CoT on Coconut); 0 for single-stage methods."""
+def curriculum_stage(cfg: Config, epoch: int, step: int = 0) -> int:
+    """Coconut stage at an epoch (or, with method.coconut.steps_per_stage, at an optimizer step);
+    also SIM-CoT on Coconut; 0 for single-stage methods."""
     from pipeline.methods import method_module
 
-    return method_module("coconut").stage_for_epoch(epoch, cfg) if uses_curriculum(cfg) else 0
+    return method_module("coconut").stage_at(epoch, step, cfg) if uses_curriculum(cfg) else 0
 
 
 def curriculum_warning(cfg: Config) -> str | None:
     """A run whose epochs stop before Coconut's last stage trains a model evaluation will misuse."""
     from pipeline.methods import method_module
 
-    if not uses_curriculum(cfg) or cfg.train.max_steps:
+    if not uses_curriculum(cfg) or cfg.train.max_steps or cfg.method.coconut.steps_per_stage:
         return None
     needed = method_module("coconut").curriculum_epochs(cfg)
     if cfg.train.num_train_epochs >= needed:
@@ -237,6 +238,23 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(scalars, step=state.step)
 
+    def write_eval(self, state, metrics: dict, best: bool) -> None:
+        """One validation record in train_log.jsonl (keys "eval/…"), and the bar's postfix."""
+        if not self.active:
+            return
+        record = {"step": state.step, "epoch": state.epoch, "stage": state.stage,
+                  **{f"eval/{k}": v for k, v in metrics.items()}, "eval/best": best, "time": time.time()}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        self.bar.write(f"step {state.step}: validation accuracy {metrics['accuracy']:.1f}% "
+                       f"(strict {metrics['accuracy_strict']:.1f}%), loss {metrics['loss']:.4f}"
+                       + (" (best so far)" if best else ""))
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"eval/{k}", v, state.step)
+        if self.wandb is not None:
+            self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
+
     def tick(self, step: int) -> None:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
@@ -253,6 +271,21 @@ class RunLog:
 
 
 # --------------------------------------------------------------------------- the run
+
+def _validate_step(strategy, cfg: Config, tokenizer, valid, collate, ctx, stage: int, state, log) -> bool:
+    """Validate on every rank, log on rank 0; True when this step is the new best (same on all ranks,
+    since the metrics are summed over ranks)."""
+    from pipeline.validation import improved, validate
+
+    metrics = validate(strategy, cfg, tokenizer, valid, collate, ctx, stage)
+    metrics.pop("predictions")
+    key = cfg.train.metric_for_best_model
+    better = improved(key, metrics[key], state.best_metric)
+    if better:
+        state.best_metric, state.best_step = metrics[key], state.step
+    log.write_eval(state, metrics, better)
+    return better
+
 
 def run(cfg: Config, on_end=None) -> dict:
     """Train (resuming when a checkpoint exists), checkpoint, export; returns the run's summary.
@@ -291,21 +324,28 @@ def run(cfg: Config, on_end=None) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True)) if in_main else None
     micro, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
     log = RunLog(cfg, out, total, start_step=state.step)
+    valid = None
+    if cfg.train.eval_steps:
+        from pipeline.validation import load_validation_set
+        valid = load_validation_set(cfg)
+        print0(f"validation every {cfg.train.eval_steps} steps on {len(valid.instances)} data.eval examples "
+               f"(best by {cfg.train.metric_for_best_model})")
     last_saved = state.step if resumed else -1
     window: list[list[float]] = []                # per micro step: [loss, *parts, tokens]
     part_names: list[str] | None = None
     interrupted = False
     t_window = time.time()
     while state.step < total and not interrupted:
-        stage = curriculum_stage(cfg, state.epoch)
-        if stage != state.stage:
-            if cfg.method.coconut.reset_optimizer_on_stage_change:
-                strategy.reset_optimizer()
-            print0(f"epoch {state.epoch}: curriculum stage {state.stage} -> {stage}")
-            state.stage = stage
         order = epoch_shard(len(examples), cfg.train.seed, state.epoch, rank, world)
         usable = steps_per_epoch * accum
         for mb in range(state.micro_in_epoch, usable):
+            if mb % accum == 0:       # a new optimizer step: the curriculum may move on (Coconut)
+                stage = curriculum_stage(cfg, state.epoch, state.step)
+                if stage != state.stage:
+                    if cfg.method.coconut.reset_optimizer_on_stage_change:
+                        strategy.reset_optimizer()
+                    print0(f"epoch {state.epoch}, step {state.step}: curriculum stage {state.stage} -> {stage}")
+                    state.stage = stage
             batch = collate([examples[i] for i in order[mb * micro:(mb + 1) * micro]], stage)
             ctx = StepContext(agree_max=agree_max, stage=stage, step=state.step)
             loss, parts = strategy.forward(batch, ctx)
@@ -331,12 +371,18 @@ def run(cfg: Config, on_end=None) -> dict:
                 window, t_window = [], time.time()
             log.tick(state.step)
             save_now = cfg.train.save_steps and state.step % cfg.train.save_steps == 0
+            new_best = False
+            if valid is not None and (state.step % cfg.train.eval_steps == 0 or state.step == total):
+                new_best = _validate_step(strategy, cfg, tokenizer, valid, collate, ctx, stage, state, log)
+                save_now = save_now or new_best      # the best model must exist as a checkpoint
             if agree_max(int(stop["requested"])):
                 print0(f"SIGTERM: saving at step {state.step} and exiting")
                 save_now, interrupted = True, True
             if save_now:
                 checkpoint.save(strategy, out, state, cfg.train.save_total_limit)
                 last_saved = state.step
+                if new_best and rank == 0:
+                    checkpoint.mark_best(out, f"step_{state.step}")
             if state.step >= total or interrupted:
                 break
         if state.micro_in_epoch >= usable:
@@ -345,6 +391,11 @@ def run(cfg: Config, on_end=None) -> dict:
         signal.signal(signal.SIGTERM, previous)
     if last_saved != state.step:
         checkpoint.save(strategy, out, state, cfg.train.save_total_limit)
+    best = checkpoint.best_tag(out) if cfg.train.eval_steps else None
+    if cfg.train.load_best_model_at_end and best is not None and not interrupted:
+        print0(f"loading the best checkpoint by validation {cfg.train.metric_for_best_model}: {best} "
+               f"({state.best_metric:.4g})")
+        checkpoint.load(strategy, out, tag=best)
     if cfg.train.export and not interrupted:
         from pipeline.export import export_live
         export_live(strategy, cfg, tokenizer, out / "export")
@@ -352,9 +403,14 @@ def run(cfg: Config, on_end=None) -> dict:
         on_end(strategy, tokenizer)
     result = {"step": state.step, "total_steps": total, "epoch": state.epoch, "stage": state.stage,
               "final_loss": log.last_loss, "interrupted": interrupted, "world_size": world,
-              "zero_stage": strategy.zero_stage, "resumed": resumed}
+              "zero_stage": strategy.zero_stage, "resumed": resumed,
+              "best_checkpoint": best, "best_step": state.best_step,
+              f"best_{cfg.train.metric_for_best_model}": state.best_metric,
+              "exported": "best" if cfg.train.load_best_model_at_end and best else "last"}
     if rank == 0:
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        from pipeline.curves import plot_train_log
+        plot_train_log(out / "train_log.jsonl", out / "train_curves.png")
     log.close()
     barrier()
     return result

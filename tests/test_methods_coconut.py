@@ -27,6 +27,18 @@ def test_stage_schedule_and_optimizer_reset():
     assert coconut.inference_num_latents(cfg) == 6
 
 
+def test_stage_by_optimizer_steps():
+    """method.coconut.steps_per_stage: stages advance every N optimizer steps, whatever the epoch."""
+    cfg = make_cfg("coconut")
+    cc = cfg.method.coconut
+    cc.max_latent_stage, cc.steps_per_stage = 3, 5
+    assert [coconut.stage_at(0, s, cfg) for s in (0, 4, 5, 9, 10, 15, 99)] == [0, 0, 1, 1, 2, 3, 3]
+    cc.init_from = "some/cot/export"
+    assert [coconut.stage_at(7, s, cfg) for s in (0, 4, 5, 10, 11)] == [1, 1, 2, 3, 3]
+    cc.steps_per_stage = None                 # back to epochs
+    assert coconut.stage_at(2, 1000, cfg) == coconut.stage_for_epoch(2, cfg)
+
+
 def test_stage_layout_replaces_first_k_steps_and_last_stage_removes_all():
     cfg = make_cfg("coconut")
     cfg.method.coconut.c_thought, cfg.method.coconut.max_latent_stage = 2, 3

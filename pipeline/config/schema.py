@@ -81,6 +81,7 @@ class CoconutConfig:
     c_thought: int = 2                 # latents per replaced step
     max_latent_stage: int = 3          # K
     epochs_per_stage: int = 3
+    steps_per_stage: int | None = None  # advance a stage every N optimizer steps instead (short runs)
     reset_optimizer_on_stage_change: bool = True
     init_from: str | None = None       # a CoT-SFT export to start from
 

@@ -55,6 +55,7 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
         "train.max_steps": cfg.train.max_steps,
         "train.save_steps": cfg.train.save_steps,
         "train.eval_steps": cfg.train.eval_steps,
+        "method.coconut.steps_per_stage": cfg.method.coconut.steps_per_stage,
         "data.max_tokens": cfg.data.max_tokens,
         "deepspeed.world_size": cfg.deepspeed.world_size,
         "deepspeed.train_batch_size": cfg.deepspeed.train_batch_size,

@@ -47,6 +47,15 @@ def stage_for_epoch(epoch: int, cfg: Config) -> int:
     return min(epoch // cc.epochs_per_stage + first, cc.max_latent_stage)
 
 
+def stage_at(epoch: int, step: int, cfg: Config) -> int:
+    """Stage at (epoch, optimizer step): by steps when `method.coconut.steps_per_stage` is set (short
+    runs: a stage every N optimizer steps, whatever the data size), else by epochs."""
+    cc = cfg.method.coconut
+    if cc.steps_per_stage:
+        return min(step // cc.steps_per_stage + (1 if cc.init_from else 0), cc.max_latent_stage)
+    return stage_for_epoch(epoch, cfg)
+
+
 def stage_changed(prev_epoch: int, epoch: int, cfg: Config) -> bool:
     return stage_for_epoch(prev_epoch, cfg) != stage_for_epoch(epoch, cfg)
 

@@ -114,8 +114,9 @@ def main(spec_file: str) -> None:
         result = run(cfg, on_end=live_logits(out / "live_logits.pt") if variant.get("live_logits") else None)
         if get_rank() == 0:
             log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-            result.update(losses=[r["loss"] for r in log], steps=[r["step"] for r in log],
-                          seconds=time.time() - t0)
+            train_log = [r for r in log if "loss" in r]                      # validation records aside
+            result.update(losses=[r["loss"] for r in train_log], steps=[r["step"] for r in train_log],
+                          evals=[r for r in log if "eval/accuracy" in r], seconds=time.time() - t0)
             (out / "result.json").write_text(json.dumps(result))
     methods.build_method = original
 

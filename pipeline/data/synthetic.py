@@ -1,0 +1,147 @@
+"""Synthetic multi-step arithmetic tasks in GSM8k-Aug line format, with seeded, disjoint splits.
+
+    latent-make-task --task chain --out data/chain          # train.txt, valid.txt, test.txt, task.json
+    python -m pipeline.data.synthetic --task chain --out DIR --train 20000 --valid 300 --test 300
+
+Why these tasks: a chain of k dependent calculator steps (each step uses the previous result) is
+hard to compose in one forward pass of a small model, but easy when each intermediate result is
+written down (CoT) or carried in a latent. That is the shape of the papers' claims, at a scale a
+2-core CPU trains in minutes.
+
+Each problem is a word problem whose steps are GSM8k-Aug annotations `<<a+b=c>>`, one per step,
+so every reader, method and the evaluation harness treat it like GSM8k-Aug. Problems are
+identified by their numbers and operations (not their wording): the splits never share a problem,
+even in other words. Everything is a pure function of (task, sizes, seed).
+
+Tasks (TASKS): `chain` (the study's task: 3–5 steps of +, − and ×2/×3 on one quantity, values
+≤ 99).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+NAMES = ("Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo",
+         "Nora", "Omar", "Pia", "Quin", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wes", "Yara", "Zoe")
+ITEMS = ("apples", "marbles", "stickers", "coins", "pencils", "shells", "cards", "beads", "stamps", "books")
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    steps: tuple[str, ...]      # "<<a+b=c>>" each
+    answer: int
+    key: tuple                  # numbers and operations: what makes two problems the same
+
+    def line(self) -> str:
+        """The GSM8k-Aug line: `question||<<…>> <<…>> #### answer`."""
+        return f"{self.question}||{' '.join(self.steps)} #### {self.answer}"
+
+
+# --------------------------------------------------------------------------- task: chain
+
+_CHAIN_START = ("{name} has {a} {item}.", "There are {a} {item} in {name}'s box.",
+                "{name} starts the day with {a} {item}.")
+_CHAIN_ADD = ("{name} buys {k} more.", "Then {name} finds {k} more {item}.", "A friend gives {name} {k} {item}.")
+_CHAIN_SUB = ("{name} gives away {k}.", "Then {name} loses {k} {item}.", "{name} uses {k} of them.")
+_CHAIN_MUL = {2: ("Then the number of {item} doubles.", "{name} ends up with twice as many."),
+              3: ("Then the number of {item} triples.", "{name} ends up with three times as many.")}
+_CHAIN_ASK = ("How many {item} does {name} have now?", "How many {item} are left in the end?")
+
+
+def _chain(rng: random.Random, min_steps: int = 3, max_steps: int = 5, cap: int = 99) -> Problem:
+    """One quantity, changed step by step; every intermediate value stays in [1, cap]."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    value = rng.randint(2, 40)
+    fill = {"name": name, "item": item}
+    sentences = [rng.choice(_CHAIN_START).format(a=value, **fill)]
+    steps, key = [], [value]
+    for _ in range(rng.randint(min_steps, max_steps)):
+        choices = ["add"] * 2 + ["sub"] * 2 + (["mul"] if value * 2 <= cap else [])
+        op = rng.choice(choices)
+        if op == "add" and value < cap - 1:
+            k = rng.randint(2, min(30, cap - value))
+            result, text, sym = value + k, rng.choice(_CHAIN_ADD), "+"
+        elif op == "sub" and value > 2:
+            k = rng.randint(1, min(30, value - 1))
+            result, text, sym = value - k, rng.choice(_CHAIN_SUB), "-"
+        else:
+            k = 3 if value * 3 <= cap and rng.random() < 0.4 else 2
+            if value * k > cap:                                   # no room to grow: take away instead
+                k = rng.randint(1, value - 1)
+                result, text, sym = value - k, rng.choice(_CHAIN_SUB), "-"
+            else:
+                result, text, sym = value * k, rng.choice(_CHAIN_MUL[k]), "*"
+        sentences.append(text.format(k=k, **fill))
+        steps.append(f"<<{value}{sym}{k}={result}>>")
+        key.append((sym, k))
+        value = result
+    sentences.append(rng.choice(_CHAIN_ASK).format(**fill))
+    return Problem(" ".join(sentences), tuple(steps), value, tuple(key))
+
+
+TASKS = {"chain": _chain}
+
+
+# --------------------------------------------------------------------------- splits
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str = "chain"
+    train: int = 20000
+    valid: int = 300
+    test: int = 300
+    seed: int = 0
+
+
+def generate(spec: TaskSpec) -> dict[str, list[Problem]]:
+    """{"train", "valid", "test"} problem lists: distinct problems (by numbers and operations),
+    so no split shares a problem with another. Raises if the task cannot yield enough."""
+    if spec.task not in TASKS:
+        raise ValueError(f"task: unknown {spec.task!r}; choose one of {', '.join(TASKS)}")
+    make, rng = TASKS[spec.task], random.Random(f"{spec.task}:{spec.seed}")
+    wanted = spec.train + spec.valid + spec.test
+    seen, pool, tries = set(), [], 0
+    while len(pool) < wanted:
+        tries += 1
+        if tries > 50 * wanted:
+            raise ValueError(f"task {spec.task}: only {len(pool)} distinct problems after {tries} draws")
+        problem = make(rng)
+        if problem.key not in seen:
+            seen.add(problem.key)
+            pool.append(problem)
+    # Evaluation splits first, so growing `train` never changes valid/test.
+    return {"valid": pool[: spec.valid], "test": pool[spec.valid: spec.valid + spec.test],
+            "train": pool[spec.valid + spec.test:]}
+
+
+def write_task(spec: TaskSpec, out: str | Path) -> Path:
+    """Write train.txt, valid.txt, test.txt (GSM8k-Aug lines) and task.json into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = generate(spec)
+    for name, problems in splits.items():
+        (out / f"{name}.txt").write_text("".join(p.line() + "\n" for p in problems), encoding="utf-8")
+    (out / "task.json").write_text(json.dumps({**asdict(spec), "generator": "pipeline.data.synthetic"}, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="latent-make-task", description=__doc__.split("\n")[0])
+    p.add_argument("--task", default="chain", choices=sorted(TASKS))
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=TaskSpec.train)
+    p.add_argument("--valid", type=int, default=TaskSpec.valid)
+    p.add_argument("--test", type=int, default=TaskSpec.test)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    path = write_task(TaskSpec(a.task, a.train, a.valid, a.test, a.seed), a.out)
+    print(f"wrote {path}/train.txt, valid.txt, test.txt ({a.train}/{a.valid}/{a.test} problems, task {a.task})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""What the study trains: the data it reads, the shared tiny-model recipe, and one entry per method.
+
+Every method is a list of dotted overrides on top of the shared recipe (`COMMON`), so a cell of
+the study is exactly `latent-train <COMMON> <method overrides> <data> <seed>`; `init: "cot"` makes a
+method start from the CoT-SFT export of the same seed (Coconut, as the paper does).
+The recipe is also shipped as a plain training config, `recipes/configs/study_chain_simcot.yaml`
+(tests check the two agree), and explained in docs/RESULTS.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config.schema import REPO_ROOT
+
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+# The tiny LLaMA and schedule every method shares (issue 13 explains each choice; docs/RESULTS.md).
+COMMON: dict[str, object] = {
+    "model.name_or_path": "tiny-llama",
+    "model.tiny.hidden_size": 128,
+    "model.tiny.num_layers": 4,
+    "model.tiny.num_heads": 4,
+    "model.tiny.intermediate_size": 384,
+    "train.per_device_train_batch_size": 32,
+    "train.learning_rate": 1e-3,
+    "train.lr_scheduler_type": "cosine",
+    "train.warmup_ratio": 0.03,
+    "train.max_steps": 1200,
+    "train.eval_steps": 200,
+    "train.logging_steps": 50,
+    "train.save_steps": None,
+    "train.metric_for_best_model": "accuracy",
+    "train.load_best_model_at_end": True,
+    "eval.batch_size": 100,
+}
+
+# --quick (the README demo): fewer steps, a smaller validation set, one seed.
+QUICK: dict[str, object] = {"train.max_steps": 600, "train.eval_steps": 150}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    description: str
+    overrides: dict[str, object]
+    init: str | None = None               # "cot": start from the CoT-SFT export of the same seed
+    init_override: str = "method.coconut.init_from"
+    latent: bool = True                   # evaluated at 1x and 2x its latents
+    simcot: bool = False                  # has a step decoder: the interpretability figure
+
+
+METHODS: dict[str, MethodSpec] = {m.label: m for m in (
+    MethodSpec("nocot", "No-CoT: CE on the answer only", {"method.name": "nocot"}, latent=False),
+    MethodSpec("cot", "CoT-SFT: CE on the written steps and the answer", {"method.name": "cot"}, latent=False),
+    MethodSpec("coconut", "Coconut: stage-wise replacement of steps by latents, from the CoT-SFT model",
+               {"method.name": "coconut", "method.coconut.c_thought": 1, "method.coconut.max_latent_stage": 3,
+                "method.coconut.epochs_per_stage": 1}, init="cot"),
+    MethodSpec("codi", "CODI: self-distillation, single stage, from scratch", {"method.name": "codi"}),
+    MethodSpec("simcot", "CODI + SIM-CoT, full step decoder (the paper's)",
+               {"method.name": "simcot", "method.simcot.decoder": "full", "train.export_step_decoder": True},
+               simcot=True),
+    MethodSpec("simcot_shared", "CODI + SIM-CoT, shared-weights decoder (LoRA on the CoT-SFT model)",
+               {"method.name": "simcot", "method.simcot.decoder": "shared", "model.lora.enabled": True,
+                "model.lora.r": 64, "model.lora.alpha": 64, "model.lora.dropout": 0.0,
+                "train.export_step_decoder": True},
+               init="cot", init_override="model.name_or_path", simcot=True),
+    MethodSpec("coconut_simcot", "Coconut + SIM-CoT (full decoder), from the CoT-SFT model",
+               {"method.name": "simcot", "method.simcot.base": "coconut", "method.simcot.decoder": "full",
+                "method.coconut.c_thought": 1, "method.coconut.max_latent_stage": 3,
+                "method.coconut.epochs_per_stage": 1, "train.export_step_decoder": True},
+               init="cot", simcot=True),
+)}
+
+DEFAULT_METHODS = ("nocot", "cot", "coconut", "codi", "simcot", "simcot_shared", "coconut_simcot")
+QUICK_METHODS = ("nocot", "codi", "simcot", "cot")
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class StudyData:
+    """Where a study's splits are and how the trainer and the harness read them."""
+    name: str
+    format: str                 # data format for latent-train (gsm8k_aug, prosqa, prontoqa)
+    benchmark: str              # benchmark name for latent-eval
+    train: str
+    valid: str
+    test: str
+    train_limit: int | None = None
+    notes: list[str] = field(default_factory=list)
+    tokenizer: str | None = None   # built from the task's training text (ensure_tokenizer)
+
+    def overrides(self) -> dict[str, object]:
+        train = {"format": self.format, "path": self.train}
+        if self.train_limit:
+            train["max_examples"] = self.train_limit
+        out: dict[str, object] = {"data.train": [train], "data.eval": [{"format": self.format, "path": self.valid}]}
+        if self.tokenizer:
+            out["model.tokenizer"] = self.tokenizer
+        return out
+
+
+def ensure_tokenizer(data: StudyData, out: Path) -> StudyData:
+    """A byte-level BPE (digits kept single) trained on the task's own training text, once per study:
+    the task's words become single tokens, so sequences are short and a 2-core CPU trains faster
+    than with the generic tokenizer tiny models build from the shipped GSM8K slices."""
+    from dataclasses import replace
+
+    from pipeline.tokenizer_build import build_tokenizer, file_texts
+
+    directory = out / "tokenizer"
+    if not (directory / "tokenizer.json").is_file():
+        build_tokenizer(file_texts(data.train), directory, vocab_size=1000)
+    return replace(data, tokenizer=str(directory))
+
+
+def resolve_data(spec: str, out: Path) -> StudyData:
+    """`--data`: a directory with train/valid/test.txt (GSM8k-Aug lines), `chain` (the shipped
+    synthetic task, generated into OUT/data), `prontoqa` or `prosqa` (the shipped files), or a
+    directory holding those files."""
+    from pipeline.data.synthetic import TASKS, TaskSpec, write_task
+
+    if spec in TASKS or spec.startswith("synthetic:"):
+        task = spec.split(":", 1)[-1]
+        directory = out / "data"
+        if not (directory / "test.txt").is_file():
+            write_task(TaskSpec(task=task), directory)
+        return _txt_dir(directory, name=task, notes=[f"synthetic task {task!r} (pipeline.data.synthetic, seed 0)"])
+    path = Path(spec)
+    if spec in ("prontoqa", "prosqa"):
+        path = SHARED_DATA / spec
+    if (path / "prontoqa_train.json").is_file():
+        return StudyData("prontoqa", "prontoqa", "prontoqa", str(path / "prontoqa_train.json"),
+                         str(path / "prontoqa_valid.json"), str(path / "prontoqa_test.json"))
+    if (path / "prosqa_valid.json").is_file():
+        # No ProsQA train split ships (../shared/data/README.md): its 300 validation problems are split
+        # 240 train / 60 validation (seeded, disjoint); the test file stays the test. Said in the report.
+        return _prosqa_split(path, out / "data")
+    if (path / "train.txt").is_file():
+        return _txt_dir(path, name=path.name)
+    raise FileNotFoundError(f"--data {spec}: expected a directory with train.txt, valid.txt and test.txt "
+                            f"(GSM8k-Aug lines), 'chain', 'prontoqa', 'prosqa', or a directory of those files")
+
+
+def _prosqa_split(path: Path, directory: Path) -> StudyData:
+    import json
+    import random
+
+    directory.mkdir(parents=True, exist_ok=True)
+    train, valid = directory / "prosqa_train.json", directory / "prosqa_valid.json"
+    if not train.is_file():
+        records = json.loads((path / "prosqa_valid.json").read_text())
+        order = list(range(len(records)))
+        random.Random("prosqa:0").shuffle(order)
+        cut = len(records) * 4 // 5
+        train.write_text(json.dumps([records[i] for i in order[:cut]]))
+        valid.write_text(json.dumps([records[i] for i in order[cut:]]))
+    return StudyData("prosqa", "prosqa", "prosqa", str(train), str(valid), str(path / "prosqa_test.json"),
+                     notes=["no ProsQA train split ships: prosqa_valid.json (300) is split 240 train / 60 "
+                            "validation (seeded); tested on prosqa_test.json (500)"])
+
+
+def _txt_dir(directory: Path, name: str, notes: list[str] | None = None) -> StudyData:
+    files = {s: directory / f"{s}.txt" for s in ("train", "valid", "test")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"--data {directory}: missing {', '.join(missing)}")
+    return StudyData(name, "gsm8k_aug", "gsm8k_aug", str(files["train"]), str(files["valid"]), str(files["test"]),
+                     notes=notes or [])

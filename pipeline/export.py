@@ -97,7 +97,10 @@ def _save_step_decoder(parts: nn.ModuleDict, cfg: Config, tokenizer, out: Path) 
     from pipeline.methods import step_decoder
 
     extras = {}
-    if cfg.method.simcot.decoder == "shared":
+    if cfg.method.simcot.decoder == "main":       # the main model decodes: a plain copy of it
+        model = copy.deepcopy(parts["lm"])
+        model = model.merge_and_unload() if hasattr(model, "peft_config") else model
+    elif cfg.method.simcot.decoder == "shared":
         model = copy.deepcopy(parts["lm"])
         # Only the decoder's adapter: merge_and_unload(adapter_names=[…]) would also try to merge
         # the main adapter's trainable latent-token rows under the decoder's name (peft KeyError).

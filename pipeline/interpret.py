@@ -76,7 +76,7 @@ def explain_latents(loaded, parts: nn.ModuleDict, cfg: Config, questions: list[s
         probs = torch.softmax(lm_head(hidden).float(), dim=-1)                       # [B, n, V]
         top_p, top_i = probs.topk(top_k, dim=-1)
         texts: list[str | None] = [None] * (bsz * n)
-        if cfg.method.name == "simcot" and step_decoder.has_decoder(parts) and n:
+        if cfg.method.name == "simcot" and step_decoder.has_decoder(parts, cfg) and n:
             tok = step_decoder.decoder_tokenizer(cfg, loaded)
             texts = step_decoder.generate_steps(parts, cfg, latents.reshape(bsz * n, -1), tok,
                                                 max_new_tokens or cfg.method.simcot.max_step_tokens)

@@ -146,7 +146,7 @@ def test_reset_optimizer_clears_adam_state(tmp_path):
         assert not strategy.optimizer.state
 
 
-@pytest.mark.parametrize("kind", ["full", "shared", "separate"])
+@pytest.mark.parametrize("kind", ["full", "shared", "separate", "main"])
 def test_step_decoder_export_reads_latents_like_the_live_one(tmp_path, kind):
     """train.export_step_decoder=true: out/step_decoder is a plain causal LM (the shared decoder's
     adapter merged into a copy of the base) that reads latents exactly as in training."""
@@ -161,7 +161,7 @@ def test_step_decoder_export_reads_latents_like_the_live_one(tmp_path, kind):
         live["texts"] = step_decoder.generate_steps(parts, strategy.cfg, latents, tokenizer, max_new_tokens=6)
 
     from pipeline.train import run
-    extra = {"full": [], "shared": LORA, "separate": ["method.simcot.decoder_model=tiny-llama"]}[kind]
+    extra = {"full": [], "shared": LORA, "separate": ["method.simcot.decoder_model=tiny-llama"], "main": []}[kind]
     cfg = load_config(None, [*TINY_OVERRIDES, *extra, "method.name=simcot", f"method.simcot.decoder={kind}",
                              "train.export=true", "train.export_step_decoder=true", "train.max_steps=2",
                              "train.learning_rate=3e-2", f"train.output_dir={tmp_path}"])

@@ -131,7 +131,7 @@ def test_shared_decoder_adds_only_adapter_parameters(build, tokenizer):
         p.numel() for n, p in built.parts.named_parameters() if n in added)
 
 
-@pytest.mark.parametrize("kind", ["full", "shared", "separate"])
+@pytest.mark.parametrize("kind", ["full", "shared", "separate", "main"])
 def test_decoder_is_dropped_for_inference(build, gsm_examples, kind):
     built = build(make_cfg("simcot", simcot__decoder=kind, simcot__decoder_model="tiny-llama"))
     batch = built.collate(gsm_examples[:2], 0)
@@ -148,7 +148,7 @@ def test_decoder_is_dropped_for_inference(build, gsm_examples, kind):
 
 
 @pytest.mark.parametrize("kind,base", [("full", "codi"), ("shared", "codi"), ("separate", "codi"),
-                                       ("shared", "coconut")])
+                                       ("shared", "coconut"), ("main", "codi")])
 def test_interpret_latents_as_text_and_tokens(build, kind, base):
     built = build(make_cfg("simcot", simcot__decoder=kind, simcot__decoder_model="tiny-llama", simcot__base=base))
     questions = ["Tom has 3 apples and buys 4 more. How many?", "What is 2 times 6?"]
@@ -174,7 +174,7 @@ def test_interpret_without_decoder_gives_tokens_only(build):
     assert all(item.step_text is None and len(item.top_tokens) == 2 for item in rows[0])
 
 
-@pytest.mark.parametrize("kind", ["full", "shared", "separate"])
+@pytest.mark.parametrize("kind", ["full", "shared", "separate", "main"])
 def test_explain_gradient_flows_through_latents_into_projection_and_lora(build, gsm_examples, kind):
     """With every base loss weighted 0, the explain loss alone still trains the projection and the
     main LoRA adapter: decoder → latent → projection → LoRA."""
@@ -187,3 +187,28 @@ def test_explain_gradient_flows_through_latents_into_projection_and_lora(build, 
     assert all(p.grad.abs().sum() > 0 for p in built.parts["projection"].parameters())
     main_lora = [p for n, p in built.parts["lm"].named_parameters() if "lora_B.default" in n]
     assert main_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in main_lora)
+
+
+def test_main_decoder_adds_no_parameter_and_is_the_main_model(build, gsm_examples):
+    """decoder=main: the step decoder is parts["lm"] itself: no parameter added, and its explain loss
+    equals the main model's own CE on [latent ; step tokens]."""
+    from pipeline.losses import IGNORE_INDEX, causal_lm_ce
+    from pipeline.methods import step_decoder
+
+    plain = build(make_cfg("codi", lora=False))
+    built = build(make_cfg("simcot", lora=False, simcot__decoder="main"))
+    assert sum(p.numel() for p in built.parts.parameters()) == sum(p.numel() for p in plain.parts.parameters())
+    batch = built.collate(gsm_examples[:2], 0)
+    latents = torch.randn(2, built.cfg.method.num_latents, 32)
+    loss, _ = step_decoder.explain_loss(built.parts, built.cfg, latents, batch)
+    lm, ids, mask, has = built.parts["lm"], batch["step_ids"], batch["step_mask"], batch["step_has_target"]
+    per = []
+    for b in range(2):
+        for k in range(latents.shape[1]):
+            if not has[b, k]:
+                continue
+            n = int(mask[b, k].sum())
+            x = torch.cat([latents[b, k][None], lm.get_input_embeddings()(ids[b, k, :n])])[None]
+            labels = torch.cat([torch.tensor([IGNORE_INDEX]), ids[b, k, :n]])[None]
+            per.append(causal_lm_ce(lm(inputs_embeds=x).logits, labels))
+    torch.testing.assert_close(loss, torch.stack(per).mean(), rtol=1e-5, atol=1e-6)

@@ -96,12 +96,15 @@ class CodiConfig:
     projection: bool = True
     projection_inner_size: int | None = None   # None = hidden size
     include_last_step: bool = False
+    # Scale of a projected latent: "unit" = LayerNorm gain 1 (the reference, norm √d), "embedding" =
+    # gain initialised at the input embeddings' RMS (a latent enters at a token embedding's scale).
+    latent_scale: Literal["unit", "embedding"] = "unit"
 
 
 @dataclass
 class SimCotConfig:
     base: Literal["codi", "coconut"] = "codi"
-    decoder: Literal["full", "shared", "separate"] = "shared"
+    decoder: Literal["full", "shared", "separate", "main"] = "shared"
     decoder_model: str | None = None   # required for `separate`: a smaller model (or tiny-llama)
     decoder_lora_r: int = 16
     decoder_lora_alpha: int = 32

@@ -13,8 +13,8 @@ so every reader, method and the evaluation harness treat it like GSM8k-Aug. Prob
 identified by their numbers and operations (not their wording): the splits never share a problem,
 even in other words. Everything is a pure function of (task, sizes, seed).
 
-Tasks (TASKS): `chain` (the study's task: 3–5 steps of +, − and ×2/×3 on one quantity, values
-≤ 99).
+Tasks (TASKS): `chain` (the study's task: 3–5 steps of +/− 1–9 and ×2/×3 on one quantity, every
+value in [1, 30]).
 """
 from __future__ import annotations
 
@@ -52,29 +52,29 @@ _CHAIN_MUL = {2: ("Then the number of {item} doubles.", "{name} ends up with twi
 _CHAIN_ASK = ("How many {item} does {name} have now?", "How many {item} are left in the end?")
 
 
-def _chain(rng: random.Random, min_steps: int = 3, max_steps: int = 5, cap: int = 99) -> Problem:
-    """One quantity, changed step by step; every intermediate value stays in [1, cap]."""
+def _chain(rng: random.Random, min_steps: int = 3, max_steps: int = 5, cap: int = 30, max_operand: int = 9) -> Problem:
+    """One quantity changed step by step: + and − of 1–9, ×2 or ×3; every value stays in [1, cap].
+
+    Small numbers keep each step a lookup a tiny model learns in minutes (so CoT-SFT is strong on a
+    CPU budget), while composing 3–5 of them in one forward pass stays hard (No-CoT is weak).
+    """
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    value = rng.randint(2, 40)
+    value = rng.randint(2, 20)
     fill = {"name": name, "item": item}
     sentences = [rng.choice(_CHAIN_START).format(a=value, **fill)]
     steps, key = [], [value]
     for _ in range(rng.randint(min_steps, max_steps)):
-        choices = ["add"] * 2 + ["sub"] * 2 + (["mul"] if value * 2 <= cap else [])
-        op = rng.choice(choices)
-        if op == "add" and value < cap - 1:
-            k = rng.randint(2, min(30, cap - value))
+        options = [op for op, ok in (("add", value < cap), ("sub", value > 1), ("mul", value * 2 <= cap)) if ok]
+        op = rng.choice(options)
+        if op == "add":
+            k = rng.randint(1, min(max_operand, cap - value))
             result, text, sym = value + k, rng.choice(_CHAIN_ADD), "+"
-        elif op == "sub" and value > 2:
-            k = rng.randint(1, min(30, value - 1))
+        elif op == "sub":
+            k = rng.randint(1, min(max_operand, value - 1))
             result, text, sym = value - k, rng.choice(_CHAIN_SUB), "-"
         else:
             k = 3 if value * 3 <= cap and rng.random() < 0.4 else 2
-            if value * k > cap:                                   # no room to grow: take away instead
-                k = rng.randint(1, value - 1)
-                result, text, sym = value - k, rng.choice(_CHAIN_SUB), "-"
-            else:
-                result, text, sym = value * k, rng.choice(_CHAIN_MUL[k]), "*"
+            result, text, sym = value * k, rng.choice(_CHAIN_MUL[k]), "*"
         sentences.append(text.format(k=k, **fill))
         steps.append(f"<<{value}{sym}{k}={result}>>")
         key.append((sym, k))

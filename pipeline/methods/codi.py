@@ -52,8 +52,27 @@ def build_parts(cfg: Config, loaded) -> nn.ModuleDict:
     """{"lm"} plus {"projection"} when method.codi.projection (the default)."""
     parts = nn.ModuleDict({"lm": loaded.model})
     if cfg.method.codi.projection:
-        parts["projection"] = LatentProjection(loaded.hidden_size, cfg.method.codi.projection_inner_size)
+        projection = LatentProjection(loaded.hidden_size, cfg.method.codi.projection_inner_size)
+        if cfg.method.codi.latent_scale == "embedding":
+            match_embedding_scale(projection, loaded.model)
+        parts["projection"] = projection
     return parts
+
+
+@torch.no_grad()
+def match_embedding_scale(projection: LatentProjection, model) -> float:
+    """Start the projection's LayerNorm gain at the input embeddings' RMS, so a latent enters the
+    model at the scale of a token embedding instead of LayerNorm's unit scale (norm √d).
+
+    Why: a latent is fed back where a token embedding goes. With gain 1 its norm is √d (11 for
+    d = 128) against ~0.25 for a token row of a freshly initialised LLaMA: the latent then dominates
+    the residual stream of its position, and the layers' updates barely change what is passed on.
+    The gain stays trainable; `method.codi.latent_scale: unit` keeps the reference's gain of 1.
+    """
+    weight = model.get_input_embeddings().weight
+    rms = float(weight.float().pow(2).mean().sqrt())
+    projection[3].weight.fill_(rms)
+    return rms
 
 
 def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):

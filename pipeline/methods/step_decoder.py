@@ -13,6 +13,9 @@ Decoder kinds (`method.simcot.decoder`):
             (peft multi-adapter): only adapter parameters are added
   separate  another, smaller model (`method.simcot.decoder_model`) with a learned input projection
             Linear(d_main → d_decoder) in parts["decoder_proj"]
+  main      the main model itself, every weight shared (no parameter added): a latent must then mean
+            its step to the very network that reads it, so what the model learns writing steps as
+            tokens (its teacher CE) is what decodes, and shapes, its latents
 The decoder never exists at inference: `drop_decoder(parts)` removes it before export.
 """
 from __future__ import annotations
@@ -47,12 +50,14 @@ def build(cfg: Config, loaded, parts: nn.ModuleDict) -> None:
         parts["decoder"] = _trainable_copy(parts["lm"])
     elif kind == "shared":
         _add_adapter(parts["lm"], cfg)
+    elif kind == "main":
+        pass                                  # parts["lm"] decodes; nothing to add
     elif kind == "separate":
         decoder = _load_separate(cfg, loaded)
         parts["decoder"] = decoder
         parts["decoder_proj"] = nn.Linear(loaded.hidden_size, decoder.config.get_text_config().hidden_size)
     else:
-        raise ValueError(f"method.simcot.decoder: unknown {kind!r}; choose full, shared or separate")
+        raise ValueError(f"method.simcot.decoder: unknown {kind!r}; choose full, shared, separate or main")
 
 
 def _trainable_copy(lm) -> nn.Module:
@@ -119,7 +124,9 @@ def _load_separate(cfg: Config, loaded) -> nn.Module:
     return model
 
 
-def has_decoder(parts: nn.ModuleDict) -> bool:
+def has_decoder(parts: nn.ModuleDict, cfg: Config | None = None) -> bool:
+    if cfg is not None and cfg.method.simcot.decoder == "main":
+        return True
     lm = parts["lm"]
     return "decoder" in parts or ADAPTER_NAME in getattr(lm, "peft_config", {})
 
@@ -220,6 +227,8 @@ def _decoder(parts: nn.ModuleDict, cfg: Config):
     kind = cfg.method.simcot.decoder
     if kind == "shared":
         model, ctx = parts["lm"], _adapter(parts["lm"], ADAPTER_NAME)
+    elif kind == "main":
+        model, ctx = parts["lm"], nullcontext()
     else:
         model, ctx = parts["decoder"], nullcontext()
     dtype = model.get_input_embeddings().weight.dtype

@@ -51,7 +51,8 @@ def diagnose(export: str, data: str, n: int = 200, batch_size: int = 50) -> dict
     n_lat = int(meta.get("num_latents") or 0)
     stats: dict[str, list] = {k: [] for k in ("correct", "abs_err", "dec_exact", "dec_result", "dec_operand",
                                               "head_result", "head_operand", "attn", "ce_prefix", "ce_digits",
-                                              "ce_eos", "n_steps")}
+                                              "ce_eos", "n_steps", "latent_norm")}
+    emb_norm = float(model.get_input_embeddings().weight.norm(dim=-1).mean())
     for start in range(0, len(insts), batch_size):
         chunk = insts[start:start + batch_size]
         gen = generate_with_latents(model, tok, [question_prompt(i.question) for i in chunk], num_latents=n_lat,
@@ -60,6 +61,8 @@ def diagnose(export: str, data: str, n: int = 200, batch_size: int = 50) -> dict
         decoded = (ex.step_decoder.decode_latents(gen.latents.reshape(-1, gen.latents.shape[-1]))
                    if ex.step_decoder is not None and n_lat else None)
         head_top = (model.get_output_embeddings()(gen.latent_hidden).argmax(-1) if n_lat else None)   # [B, n]
+        if n_lat:
+            stats["latent_norm"] += gen.latents.norm(dim=-1).mean(0).tolist()
         for b, inst in enumerate(chunk):
             pred = extract(gen.texts[b], inst)
             ok = is_correct(pred, inst)
@@ -84,7 +87,10 @@ def diagnose(export: str, data: str, n: int = 200, batch_size: int = 50) -> dict
                 stats["head_operand"].append((k, int(top == _first_digit_token(tok, operand))))
                 del row
         _attention_and_ce(model, tok, chunk, gen, meta, ex.projection, stats, ANSWER_PREFIX)
-    return _summarise(stats, n_lat)
+    out = _summarise(stats, n_lat)
+    out["embedding_row_norm_mean"] = emb_norm
+    out["latent_input_norm_mean"] = statistics.fmean(stats["latent_norm"]) if stats["latent_norm"] else None
+    return out
 
 
 def _attention_and_ce(model, tok, chunk, gen, meta, projection, stats, prefix: str) -> None:

@@ -109,6 +109,8 @@ class SimCotConfig:
     decoder_lora_r: int = 16
     decoder_lora_alpha: int = 32
     explain_weight: float = 1.0        # lambda_explain
+    # CODI base: latents per step (latents k·c … k·c+c−1 ↔ step k); Coconut uses its c_thought
+    latents_per_step: int = 1
     max_step_tokens: int = 32
 
 

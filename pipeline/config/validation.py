@@ -43,6 +43,7 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
         "method.coconut.epochs_per_stage": cfg.method.coconut.epochs_per_stage,
         "method.simcot.max_step_tokens": cfg.method.simcot.max_step_tokens,
         "method.simcot.decoder_lora_r": cfg.method.simcot.decoder_lora_r,
+        "method.simcot.latents_per_step": cfg.method.simcot.latents_per_step,
         "method.softcot.num_thoughts": cfg.method.softcot.num_thoughts,
         "method.softcot.eval_num_thoughts": cfg.method.softcot.eval_num_thoughts,
         "eval.batch_size": cfg.eval.batch_size,

@@ -52,7 +52,7 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
             width, per_step = batch["latent_active"].shape[1], cfg.method.coconut.c_thought
         else:
             counts = [cfg.method.num_latents] * len(examples)
-            width, per_step = cfg.method.num_latents, 1
+            width, per_step = cfg.method.num_latents, cfg.method.simcot.latents_per_step
         targets = [step_decoder.align_steps(steps, n, per_step) + [None] * (width - n)
                    for steps, n in zip(batch["latent_steps"], counts)]
         batch.update(step_decoder.encode_targets(targets, tok, cfg.method.simcot.max_step_tokens))

@@ -12,7 +12,7 @@
 # The arguments after the image name are the command (tini runs it as PID 1's child and forwards
 # SIGTERM, so a stopped container saves a checkpoint). --ipc=host: NCCL and data loading need more
 # shared memory than Docker's 64 MB default. The CPU path needs no image: bash scripts/setup_cpu.sh.
-# tests/test_recipes_docker.py checks this file statically (no Docker engine in CI) and runs hadolint.
+# tests/test_recipes.py checks this file statically (no Docker engine in CI) and runs hadolint.
 ARG BASE_IMAGE=pytorch/pytorch:2.7.1-cuda12.6-cudnn9-devel
 FROM ${BASE_IMAGE}
 

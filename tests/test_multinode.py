@@ -24,7 +24,8 @@ from launch_env import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-TIMEOUT = 600
+TIMEOUT = 900      # per launch: ~30 s on an idle 2-core machine, many minutes on a crowded one
+pytestmark = pytest.mark.timeout(3 * TIMEOUT + 120)     # the module fixture makes 3 launches
 # Tiny LLaMA with the card's recipe (SIM-CoT, full decoder, LoRA, ZeRO-3); a constant learning rate,
 # so a run stopped at step 2 and resumed to 4 follows the same schedule as one run of 4 steps.
 TINY = ["model.name_or_path=tiny-llama", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
@@ -55,12 +56,15 @@ def sbatch(tmp: Path, name: str, *overrides: str) -> list[str]:
     proc = subprocess.Popen(["bash", str(ROOT / "recipes" / "slurm" / "train.sbatch"), "llama8b_simcot", *TINY,
                              *overrides], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    out = f"timed out after {TIMEOUT} s"
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        out = "timed out"
+        pass
+    finally:    # also when pytest's own timeout interrupts: no "node" may outlive the test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     nodes = [Path(f"{logs}{n}.log").read_text() if Path(f"{logs}{n}.log").is_file() else "" for n in (0, 1)]
     assert proc.returncode == 0, out + "".join(f"\n--- node {n}\n{text[-3000:]}" for n, text in enumerate(nodes))
     return nodes
@@ -123,3 +127,37 @@ def test_the_export_of_two_nodes_reloads_and_equals_the_offline_one(runs):
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=probe).logits,
                                    load_exported(offline).model(input_ids=probe).logits, atol=1e-5, rtol=1e-5)
+
+
+def _load_with_a_stale_view(rank: int, root: str, port: int) -> None:
+    """One of two gloo ranks; rank 1's view of the shared directory is older than rank 0's."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from pipeline import checkpoint
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if rank == 1:     # e.g. NFS attribute caching: `latest` still names the previous checkpoint here
+        checkpoint.latest_tag = lambda _root: "step_1"
+
+    class Recorder:   # stands in for the engine: records which checkpoint this rank loads
+        def load_checkpoint(self, _root, tag):
+            Path(root, f"loaded_by_rank{rank}").write_text(tag)
+            return {"train_state": {"step": int(tag.split("_")[1])}}
+
+    state = checkpoint.load(Recorder(), Path(root).parent)
+    assert state.step == 2
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_every_rank_resumes_the_checkpoint_global_rank_0_names(tmp_path):
+    """Ranks on different nodes may read different `latest` files; they must load one tag, rank 0's."""
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "checkpoints"
+    for tag in ("step_1", "step_2"):
+        (root / tag).mkdir(parents=True)
+    (root / "latest").write_text("step_2")
+    mp.start_processes(_load_with_a_stale_view, args=(str(root), free_port()), nprocs=2, start_method="spawn")
+    assert [(root / f"loaded_by_rank{r}").read_text() for r in (0, 1)] == ["step_2", "step_2"]

@@ -38,7 +38,8 @@ def smoke_overrides(recipe: str, out: Path) -> list[str]:
     is its stage 1, with latents); the recipe's method, dtype, LoRA and ZeRO stage are kept."""
     arch = "tiny-gpt2" if recipe.startswith("gpt2") else "tiny-llama"
     return [f"model.name_or_path={arch}", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
-            "model.tiny.num_heads=4", "model.tiny.vocab_size=500", "model.lora.r=4", "method.simcot.decoder_lora_r=4",
+            "model.tiny.num_heads=4", "model.tiny.vocab_size=500", "model.tiny.max_position_embeddings=1024",
+            "model.lora.r=4", "method.simcot.decoder_lora_r=4",
             "method.coconut.epochs_per_stage=1",
             "data.train.0.format=gsm8k_aug", f"data.train.0.path={FIXTURES / 'gsm8k_aug_train.txt'}",
             "data.train.0.max_examples=3", "data.max_tokens=1000",   # keeps all 3 (the filter still runs)

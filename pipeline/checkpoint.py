@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.strategy import Strategy, barrier, get_rank
+from pipeline.strategy import Strategy, agree_max, barrier, get_rank
 
 
 @dataclass
@@ -112,12 +112,33 @@ def _prune(root: Path, keep: int, current: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def agreed_latest_tag(root: Path) -> str | None:
+    """The tag global rank 0 reads in `latest`, on every rank.
+
+    Each rank reading `latest` itself can disagree across nodes: another node's view of a shared
+    filesystem may be older (NFS attribute caching after a quick restart), and ranks loading
+    different steps diverge silently or hang in ZeRO's collectives.
+    """
+    import torch.distributed as dist
+
+    tag = latest_tag(root)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [tag]
+        dist.broadcast_object_list(box, src=0)
+        tag = box[0]
+    return tag
+
+
 def load(strategy: Strategy, output_dir: str | Path, tag: str | None = None) -> TrainState | None:
     """Restore model, optimizer, scheduler and RNG from `latest` (or `tag`); None when there is none."""
     root = checkpoint_root(output_dir)
-    tag = tag or latest_tag(root)
+    tag = tag or agreed_latest_tag(root)
     if tag is None:
         return None
+    # Every rank fails together (no rank left waiting in a collective) when one cannot see it.
+    if agree_max(int(not (root / tag).is_dir())):
+        raise FileNotFoundError(f"checkpoint {root / tag}, named by global rank 0's {root / 'latest'}, is missing "
+                                f"on some rank: train.output_dir must be on a filesystem every node shares")
     client = strategy.load_checkpoint(str(root), tag)
     rng = root / tag / f"rng_state_{get_rank()}.pt"
     if rng.is_file():   # absent when resuming on a different number of ranks

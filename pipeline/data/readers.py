@@ -139,18 +139,29 @@ def _split_final_answer(text: str, where: str, fld: str) -> tuple[str, str]:
     return reasoning, answer
 
 
-def _gsm8k_reasoning(reasoning: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """GSM8K answer body → (calculator steps, natural-language lines without annotations).
+# GSM8K's Socratic files (test_socratic.jsonl) put an automatically generated sub-question before
+# every solution line: "How many eggs does Janet sell? ** Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 ...".
+# In the shipped test split the part after it is byte-identical to test.jsonl's line (all 1,319
+# answers), and no plain GSM8K line contains " ** ".
+SOCRATIC_SEPARATOR = " ** "
 
-    The NL lines drop the ``<<…>>`` markup: it is GSM8K's calculator tooling, not language,
-    and the calculator steps are kept separately in ``steps``.
+
+def socratic_solution_line(line: str) -> str:
+    """The solution part of a GSM8K line: after a Socratic sub-question when there is one."""
+    return line.split(SOCRATIC_SEPARATOR, 1)[1] if SOCRATIC_SEPARATOR in line else line
+
+
+def _gsm8k_reasoning(reasoning: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """GSM8K answer body (plain or Socratic) → (calculator steps, natural-language lines).
+
+    The NL lines drop the ``<<…>>`` markup (GSM8K's calculator tooling, not language; the
+    calculator steps are kept separately in ``steps``) and a Socratic line's sub-question, so a
+    plain file and its Socratic variant give the same example: that is how the Socratic train
+    split is derived from ``train.jsonl`` (see pipeline/data/socratic.py for what it is and is not).
     """
-    steps = tuple(parse_calculator_steps(reasoning))
-    nl = tuple(
-        " ".join(strip_calculator_annotations(line).split())
-        for line in reasoning.splitlines()
-        if line.strip()
-    )
+    lines = [socratic_solution_line(line) for line in reasoning.splitlines() if line.strip()]
+    steps = tuple(step for line in lines for step in parse_calculator_steps(line))
+    nl = tuple(" ".join(strip_calculator_annotations(line).split()) for line in lines)
     return steps, nl
 
 
@@ -349,9 +360,11 @@ def read_hf(
     split: str = "train",
     on_malformed: str = "error",
     max_examples: int | None = None,
+    config: str | None = None,
 ) -> ReadResult:
     """Read a Hugging Face dataset: a ``save_to_disk`` directory, or anything
-    ``datasets.load_dataset(path, split=split)`` accepts (hub name, local data folder).
+    ``datasets.load_dataset(path, config, split=split)`` accepts (hub name, local data folder);
+    ``config`` names a hub configuration (``openai/gsm8k`` has ``main`` and ``socratic``).
 
     Records are normalised by their fields (see ``_parse_hf_record``). Source ids are
     ``hf:<name>:<split>:<0-based index>``.
@@ -367,7 +380,7 @@ def read_hf(
             ds = ds[split]
         name = local.name
     else:
-        ds = datasets.load_dataset(str(path), split=split)
+        ds = datasets.load_dataset(str(path), config, split=split)
         name = str(path)
     out = _Collector(on_malformed, max_examples)
     for i, rec in enumerate(ds):
@@ -393,6 +406,7 @@ def read_source(
     split: str = "train",
     on_malformed: str = "error",
     max_examples: int | None = None,
+    config: str | None = None,
 ) -> ReadResult:
     """Read ``path`` with the reader for format ``fmt`` (one of :data:`FORMATS`).
 
@@ -404,7 +418,7 @@ def read_source(
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; allowed: {', '.join(FORMATS)}")
     if fmt == "hf":
-        return read_hf(path, split=split, on_malformed=on_malformed, max_examples=max_examples)
+        return read_hf(path, split=split, on_malformed=on_malformed, max_examples=max_examples, config=config)
     file = Path(path)
     if file.is_dir():
         file = file / _SPLIT_FILES[fmt].format(split=split)

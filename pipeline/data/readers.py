@@ -159,7 +159,8 @@ def _gsm8k_reasoning(reasoning: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     plain file and its Socratic variant give the same example: that is how the Socratic train
     split is derived from ``train.jsonl`` (see pipeline/data/socratic.py for what it is and is not).
     """
-    lines = [socratic_solution_line(line) for line in reasoning.splitlines() if line.strip()]
+    # Blank lines are not steps; a Socratic line can carry a sub-question over a blank solution line.
+    lines = [sol for sol in map(socratic_solution_line, reasoning.splitlines()) if sol.strip()]
     steps = tuple(step for line in lines for step in parse_calculator_steps(line))
     nl = tuple(" ".join(strip_calculator_annotations(line).split()) for line in lines)
     return steps, nl

@@ -200,3 +200,17 @@ def test_export_carries_the_trained_initial_tokens_into_the_adapter(built, tmp_p
         for s in range(S):
             torch.testing.assert_close(adapter.thoughts(qs, adapter.sets[s], N), train[:, s])
     parts.train()
+
+
+def test_planner_counts_the_thought_sets():
+    from pipeline.plan import make_plan
+
+    recipe = str(ROOT / "recipes" / "configs" / "llama8b_softcot.yaml")
+    one = make_plan(load_config(recipe), recipe)
+    ten = make_plan(load_config(recipe, ["method.softcot.num_thought_sets=10"]), recipe)
+    assert ten.activations["rollout"] == pytest.approx(10 * one.activations["rollout"])
+    assert ten.activations["logits"] == pytest.approx(10 * one.activations["logits"])
+    # The initial tokens train through the assistant: all 16 of its layers' activations, 10 times.
+    assert ten.activations["assistant"] == pytest.approx(10 * 16 * one.activations["assistant"])
+    assert ten.params["projection"][1] - one.params["projection"][1] == 10 * 2048       # S x d_assistant
+    assert "10 thought sets" in ten.method_line and "x 10 thought sets" in ten.activation_note

@@ -119,3 +119,16 @@ def test_socratic_target_refuses_annotation_only_data_before_any_model_loads():
     with pytest.raises(DataError, match=r"gsm8k_aug_train.txt:1: method.softcot.target=socratic needs"):
         read_section(cfg, "train")
     read_section(load_config(None, ["method.name=softcot", "method.softcot.target=annotations"]), "train")
+
+
+def test_length_filter_counts_the_collated_socratic_sequence(tmp_path):
+    from pipeline.data.lengths import trained_length
+    from pipeline.models import add_latent_tokens
+
+    tok = llama3_tokenizer(tmp_path / "tok")
+    add_latent_tokens(tok)
+    cfg = socratic_cfg()
+    collate = softcot.make_collate(cfg, SimpleNamespace(tokenizer=tok), None)
+    for ex in read_gsm8k(GSM).examples[:3]:
+        batch = collate([ex])
+        assert trained_length(cfg, tok)(ex) == batch["prompt_mask"].sum() + batch["suffix_mask"].sum()

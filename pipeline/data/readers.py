@@ -26,6 +26,7 @@ from .example import (
     parse_calculator_steps,
     strip_calculator_annotations,
 )
+from .views import socratic_solution_line
 
 __all__ = [
     "FORMATS",
@@ -139,27 +140,13 @@ def _split_final_answer(text: str, where: str, fld: str) -> tuple[str, str]:
     return reasoning, answer
 
 
-# GSM8K's Socratic files (test_socratic.jsonl) put an automatically generated sub-question before
-# every solution line: "How many eggs does Janet sell? ** Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 ...".
-# In the shipped test split the part after it is byte-identical to test.jsonl's line (all 1,319
-# answers), and no plain GSM8K line contains " ** ".
-SOCRATIC_SEPARATOR = " ** "
-
-
-def socratic_solution_line(line: str) -> str:
-    """The solution part of a GSM8K line: after a Socratic sub-question when there is one."""
-    return line.split(SOCRATIC_SEPARATOR, 1)[1] if SOCRATIC_SEPARATOR in line else line
-
-
 def _gsm8k_reasoning(reasoning: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """GSM8K answer body (plain or Socratic) → (calculator steps, natural-language lines).
 
-    The NL lines drop the ``<<…>>`` markup (GSM8K's calculator tooling, not language; the
-    calculator steps are kept separately in ``steps``) and a Socratic line's sub-question, so a
-    plain file and its Socratic variant give the same example: that is how the Socratic train
-    split is derived from ``train.jsonl`` (see pipeline/data/socratic.py for what it is and is not).
+    The NL lines drop the ``<<…>>`` markup (calculator tooling, kept in ``steps``) and a Socratic
+    sub-question, so a file and its Socratic variant read alike (pipeline/data/views.py). Blank
+    lines are not steps (a Socratic sub-question can sit over a blank solution line).
     """
-    # Blank lines are not steps; a Socratic line can carry a sub-question over a blank solution line.
     lines = [sol for sol in map(socratic_solution_line, reasoning.splitlines()) if sol.strip()]
     steps = tuple(step for line in lines for step in parse_calculator_steps(line))
     nl = tuple(" ".join(strip_calculator_annotations(line).split()) for line in lines)

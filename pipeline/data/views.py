@@ -31,9 +31,20 @@ import dataclasses
 
 from .example import Example
 
-__all__ = ["STEP_TEXTS", "exclude_questions", "missing_natural_language", "question_key", "with_step_text"]
+__all__ = ["SOCRATIC_SEPARATOR", "STEP_TEXTS", "exclude_questions", "missing_natural_language", "question_key",
+           "socratic_solution_line", "with_step_text"]
 
 STEP_TEXTS = ("annotations", "natural_language")
+
+# A Socratic line: "How many eggs does Janet sell? ** Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 ...".
+# In the shipped test split the part after the separator is byte-identical to test.jsonl's line
+# (all 1,319 answers), and no plain GSM8K line contains " ** ".
+SOCRATIC_SEPARATOR = " ** "
+
+
+def socratic_solution_line(line: str) -> str:
+    """The solution part of a GSM8K line: after a Socratic sub-question when there is one."""
+    return line.split(SOCRATIC_SEPARATOR, 1)[1] if SOCRATIC_SEPARATOR in line else line
 
 
 def missing_natural_language(ex: Example) -> bool:

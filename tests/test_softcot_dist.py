@@ -57,7 +57,7 @@ def test_two_ranks_zero3_train_only_the_trained_pieces(runs, name, trained):
     assert r["trained"] == trained and r["changed"] == trained          # they moved; nothing else did
     assert r["frozen_identical"]
     assert r["held_fraction"]["lm"] < 0.75 and r["held_fraction"]["assistant"] < 0.75   # really partitioned
-    assert r["ce"][-1] < r["ce"][0] - 0.05, r["ce"]                     # the loss falls
+    assert r["ce"][-1] < r["ce"][0] - 0.02, r["ce"]                     # the loss falls
     assert r["losses"][-1] < r["losses"][0], r["losses"]
     if name == "softcotpp":
         assert all(c is not None and c > 0 for c in r["contrastive"])

@@ -91,6 +91,10 @@ def _sample_row(bench: str, index: int, inst: Instance, gen, seed: int, num_late
            "latency_s": latency, "rank": rank, "source": inst.source}
     if gen.samples:
         row["samples"] = gen.samples
+        # With several samples "correct" is the vote (self-consistency); keep the first sample's own
+        # score too, so one run reports single-sample accuracy beside it.
+        first = score(gen.text, inst)
+        row.update({f"correct_single_{mode}": first[f"correct_{mode}"] for mode in ("strict", "flexible")})
     return row
 
 
@@ -136,7 +140,10 @@ def summarise_cell(rows: list[dict]) -> dict:
         per_rank.setdefault(r.get("rank", 0), []).append(r)
     # Ranks run side by side: throughputs add up.
     eps = sum(len(rs) / max(sum(r["latency_s"] for r in rs), 1e-9) for rs in per_rank.values())
-    return {"n": n,
+    voted = all("correct_single_strict" in r for r in rows)
+    single = {f"accuracy_single_{m}": 100.0 * sum(r[f"correct_single_{m}"] for r in rows) / n
+              for m in ("strict", "flexible")} if voted else {}
+    return {"n": n, **single,
             "accuracy_strict": 100.0 * sum(r["correct_strict"] for r in rows) / n,
             "accuracy_flexible": 100.0 * sum(r["correct_flexible"] for r in rows) / n,
             "avg_generated_tokens": statistics.fmean(tokens), "avg_latents": statistics.fmean(latents),
@@ -156,7 +163,10 @@ def aggregate(cells: dict[tuple[str, int | None, int], dict]) -> list[dict]:
         def col(key: str, per_seed=per_seed, seeds=seeds) -> list[float]:
             return [per_seed[s][key] for s in seeds if per_seed[s].get("n")]
 
-        out.append({"benchmark": bench, "num_latents": n_lat, "n": per_seed[seeds[0]].get("n", 0),
+        voted = all("accuracy_single_strict" in per_seed[s] for s in seeds)
+        single = {"accuracy_single_sample": {m: _mean_std(col(f"accuracy_single_{m}")) for m in ("strict", "flexible")},
+                  "self_consistency": True} if voted else {}
+        out.append({**single, "benchmark": bench, "num_latents": n_lat, "n": per_seed[seeds[0]].get("n", 0),
                     "seeds": seeds, "per_seed": {str(s): per_seed[s] for s in seeds},
                     "accuracy": {"strict": _mean_std(col("accuracy_strict")),
                                  "flexible": _mean_std(col("accuracy_flexible"))},

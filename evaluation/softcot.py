@@ -1,14 +1,17 @@
 """SoftCoT / SoftCoT++ evaluation: a frozen assistant writes soft thoughts, a projection maps them
 into a frozen base model's embedding space, the base model decodes; answers are voted.
 
-Per instance and per thought set ``s`` (SoftCoT++: ``len(initial_tokens)`` sets, SoftCoT: one):
+Per instance and per thought set ``s`` (SoftCoT++: one per trained initial token, or per
+``initial_tokens`` string; SoftCoT: one):
 
 1. assistant input ``[initial_token_s] + assistant_instruction + question + "\\n" + P×N`` (P = the
-   assistant placeholder), one forward; the last-layer hidden states at the ``N`` placeholder
-   positions → ``projection`` → ``N`` soft thoughts ``[N, d_base]``;
-2. base input: the user message ``instruction + question + begin + Q×N + end`` (Q = the base
-   placeholder; chat template optional), whose ``N`` placeholder embeddings are overwritten by the
-   thoughts;
+   assistant placeholder), one forward; with trained initial tokens (a pipeline.train SoftCoT++
+   export) the ``N`` placeholder embeddings are set s's initial embedding instead, exactly as in
+   training; the last-layer hidden states at the ``N`` placeholder positions → ``projection`` →
+   ``N`` soft thoughts ``[N, d_base]``;
+2. base input: the user message ``instruction + question + thoughts_prefix + begin + Q×N + end``
+   (Q = the base placeholder; chat template optional), whose ``N`` placeholder embeddings are
+   overwritten by the thoughts;
 3. decoding (sampling by default, as in the paper) ``num_samples`` times; the runner scores the
    majority answer over all sets × samples (self-consistency).
 
@@ -63,7 +66,8 @@ class SoftCoTAdapter:
                  base_placeholder: str | None = None, begin: str = "", end: str = "",
                  initial_tokens: list[str] | None = None, assistant_instruction: str = "",
                  instruction: str = "", chat_template: bool = True, model_name: str = "softcot",
-                 decode: DecodeConfig | None = None) -> None:
+                 decode: DecodeConfig | None = None, thoughts_prefix: str = "",
+                 initial_embeddings: torch.Tensor | None = None) -> None:
         self.assistant, self.a_tok, self.base, self.b_tok = assistant, assistant_tokenizer, base, base_tokenizer
         self.projection = projection
         for tok in (self.a_tok, self.b_tok):
@@ -74,14 +78,21 @@ class SoftCoTAdapter:
         self.b_ph = base_placeholder or self.b_tok.pad_token
         self.b_ph_id = self.b_tok.convert_tokens_to_ids(self.b_ph)
         self.begin, self.end = begin, end
+        # SoftCoT++ sets: trained initial embeddings [S, d_assist] fill the placeholder slots (as in
+        # training); else initial token strings are prepended to the assistant's text.
+        self.initial_embeddings = initial_embeddings
+        if initial_embeddings is not None and initial_tokens:
+            raise ValueError("give trained initial_embeddings or initial_tokens strings, not both")
         self.initial_tokens = list(initial_tokens) if initial_tokens else [""]
+        self.sets: list = list(initial_embeddings) if initial_embeddings is not None else self.initial_tokens
         self.assistant_instruction, self.instruction = assistant_instruction, instruction
+        self.thoughts_prefix = thoughts_prefix
         self.chat_template = chat_template and getattr(self.b_tok, "chat_template", None) is not None
         self.model_name = model_name
         self.decode = decode or DecodeConfig(max_new_tokens=512, do_sample=True)
         if self.decode.num_samples > 1:
             self.decode.do_sample = True         # self-consistency needs different samples
-        if len(self.initial_tokens) > 1:
+        if len(self.sets) > 1:
             self.method = "softcot++"
 
     @classmethod
@@ -113,26 +124,35 @@ class SoftCoTAdapter:
         for key, meta_key in (("num_thoughts", "num_thoughts"), ("assistant_placeholder", "placeholder"),
                               ("base_placeholder", "placeholder"), ("begin", "start_token"), ("end", "end_token"),
                               ("assistant_instruction", "assistant_instruction"), ("instruction", "instruction"),
-                              ("chat_template", "chat_template")):
-            if kw.get(key) is None and meta_key in meta:
+                              ("chat_template", "chat_template"), ("thoughts_prefix", "thoughts_prefix")):
+            if kw.get(key) is None and meta.get(meta_key) is not None:
                 kw[key] = meta[meta_key]
+        if meta.get("initial_tokens") == "trained" and not kw.get("initial_tokens"):
+            from pipeline.export import _load_extras
+
+            kw["initial_embeddings"] = _load_extras(Path(path), "initial_tokens")["weight"].float()
         return cls(ex.assistant, ex.assistant_tokenizer, ex.model, ex.tokenizer, ex.projection.float(), **kw)
 
     # ------------------------------------------------------------------ the three steps
     @torch.no_grad()
-    def thoughts(self, questions: list[str], initial: str, n: int) -> torch.Tensor:
-        """Soft thoughts [B, n, d_base] from one assistant forward."""
+    def thoughts(self, questions: list[str], initial: str | torch.Tensor, n: int) -> torch.Tensor:
+        """Soft thoughts [B, n, d_base] from one assistant forward; `initial` is a string prepended to
+        the text, or a trained initial embedding [d_assist] that fills the placeholder slots."""
         from pipeline.latent import forward_step, left_pad, model_device, softcot_assistant_text
+        from pipeline.methods.softcot_sets import fill_slots
 
-        texts = [softcot_assistant_text(q, n, self.a_ph, self.assistant_instruction, initial) for q in questions]
+        text_initial = initial if isinstance(initial, str) else ""
+        texts = [softcot_assistant_text(q, n, self.a_ph, self.assistant_instruction, text_initial) for q in questions]
         ids = [self.a_tok(t).input_ids for t in texts]
         ph_id = self.a_tok.convert_tokens_to_ids(self.a_ph)
         if any(seq[-n:] != [ph_id] * n for seq in ids) and n:
             raise ValueError(f"assistant placeholder {self.a_ph!r} does not tokenize to one token")
         ids_t, mask = left_pad(ids, self.a_tok.pad_token_id)
         dev = model_device(self.assistant)
-        out, _ = forward_step(self.assistant, self.assistant.get_input_embeddings()(ids_t.to(dev)),
-                              mask.to(dev), None)
+        embeds = self.assistant.get_input_embeddings()(ids_t.to(dev))
+        if not isinstance(initial, str):
+            embeds = fill_slots(embeds, initial.to(dev)[None], n, 1)
+        out, _ = forward_step(self.assistant, embeds, mask.to(dev), None)
         hidden = out.hidden_states[-1][:, ids_t.shape[1] - n:] if n else out.hidden_states[-1][:, :0]
         proj_dtype = next(self.projection.parameters()).dtype
         return self.projection(hidden.to(proj_dtype))                      # [B, n, d_base]
@@ -141,7 +161,7 @@ class SoftCoTAdapter:
         from pipeline.latent import softcot_base_prompt
 
         return softcot_base_prompt(self.b_tok, question, n, self.b_ph, self.begin, self.end, self.instruction,
-                                   self.chat_template)
+                                   self.chat_template, self.thoughts_prefix)
 
     @torch.no_grad()
     def decode_with_thoughts(self, questions: list[str], thoughts: torch.Tensor,
@@ -186,7 +206,7 @@ class SoftCoTAdapter:
         dev = model_device(self.base)
         per_inst: list[list[str]] = [[] for _ in instances]
         tokens = [0] * len(instances)
-        for set_index, initial in enumerate(self.initial_tokens):
+        for set_index, initial in enumerate(self.sets):
             # Fresh per-row streams per thought set: how many draws a row made in the previous set
             # depends on when the whole batch stopped.
             gen = batch_generator(seed, instances, dev, k, salt=f"set{set_index}") if self.decode.do_sample else None
@@ -196,12 +216,14 @@ class SoftCoTAdapter:
             for j, (t, c) in enumerate(zip(texts, counts)):
                 per_inst[j // k].append(t)
                 tokens[j // k] += c
-        sets = len(self.initial_tokens)
+        sets = len(self.sets)
         return [Generation(text=s[0], num_generated_tokens=tokens[i], num_latents=n * sets,
                            samples=s if len(s) > 1 else None) for i, s in enumerate(per_inst)]
 
     def describe(self) -> dict:
         return {"adapter": "softcot", "model": self.model_name, "method": self.method,
-                "num_thoughts": self.default_num_latents, "initial_tokens": self.initial_tokens,
+                "num_thoughts": self.default_num_latents,
+                "initial_tokens": (f"trained ({len(self.sets)})" if self.initial_embeddings is not None
+                                   else self.initial_tokens), "thoughts_prefix": self.thoughts_prefix,
                 "assistant_placeholder": self.a_ph, "base_placeholder": self.b_ph, "begin": self.begin,
                 "end": self.end, "chat_template": self.chat_template, **vars(self.decode)}

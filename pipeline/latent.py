@@ -78,6 +78,27 @@ def cot_text(steps, answer: str) -> str:
 # model's user message.
 SOFTCOT_PLACEHOLDER, SOFTCOT_BEGIN, SOFTCOT_END = "<|latent|>", "<bot>", "<eot>"
 
+# The published SoftCoT target (GSM8K): one "## Step i:" line per natural-language solution line, then
+# a boxed answer; the base prompt asks for exactly that format, so a frozen instruct model keeps its
+# own register. Our wording; evaluation parses the boxed answer (strict) or the last number.
+SOCRATIC_INSTRUCTION = (
+    "Solve the following math problem. Reason in short steps, one line per step, written as\n"
+    "## Step 1: [a brief calculation]\n## Step 2: [a brief calculation]\n...\n"
+    "and finish with the line\nTherefore, the final answer is: $\\boxed{answer}$.\n"
+    "where answer is only the final number.\n\nProblem: ")
+SOCRATIC_THOUGHTS_PREFIX = ("\n\nA smaller assistant model wrote these soft thoughts about the problem; "
+                            "use them if they help: ")
+
+
+def socratic_text(lines, answer: str, answer_line: bool = True) -> str:
+    """`## Step i: {line}` per solution line (+ GSM8K's `#### a` line, as the reference keeps it),
+    then `Therefore, the final answer is: $\\boxed{a}$.` (no trailing newline: a chat template
+    closes the turn)."""
+    answer = str(answer).strip()
+    steps = [str(line).strip() for line in lines] + ([f"#### {answer}"] if answer_line else [])
+    return "".join(f"## Step {i}: {step}\n" for i, step in enumerate(steps, 1)) + \
+        f"Therefore, the final answer is: $\\boxed{{{answer}}}$."
+
 
 def softcot_assistant_text(question: str, n: int, placeholder: str, instruction: str = "",
                            initial: str = "") -> str:
@@ -85,20 +106,51 @@ def softcot_assistant_text(question: str, n: int, placeholder: str, instruction:
     return f"{initial}{instruction}{question.strip()}\n" + placeholder * n
 
 
-def softcot_base_prompt(tokenizer, question: str, n: int, placeholder: str, begin: str, end: str,
-                        instruction: str = "", chat_template: bool = True) -> str:
-    """The base model's prompt: the user message `instruction + question + begin + placeholder × n + end`,
-    in the tokenizer's chat template (generation prompt added, its BOS left to the tokenizer) when
-    `chat_template` and the tokenizer has one, else followed by a newline."""
-    user = f"{instruction}{question.strip()}{begin}{placeholder * n}{end}"
-    if not (chat_template and getattr(tokenizer, "chat_template", None) is not None):
-        return user + "\n"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
-                                         tokenize=False)
+def _uses_template(tokenizer, chat_template: bool) -> bool:
+    return chat_template and getattr(tokenizer, "chat_template", None) is not None
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text, its BOS left to the tokenizer when the tokenizer adds one itself."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
         text = text[len(bos):]
     return text
+
+
+def softcot_user_message(question: str, n: int, placeholder: str, begin: str, end: str, instruction: str = "",
+                         thoughts_prefix: str = "") -> str:
+    """`instruction + question + thoughts_prefix + begin + placeholder × n + end`."""
+    return f"{instruction}{question.strip()}{thoughts_prefix}{begin}{placeholder * n}{end}"
+
+
+def softcot_base_prompt(tokenizer, question: str, n: int, placeholder: str, begin: str, end: str,
+                        instruction: str = "", chat_template: bool = True, thoughts_prefix: str = "") -> str:
+    """The base model's prompt: the user message (`softcot_user_message`), in the tokenizer's chat
+    template (generation prompt added, its BOS left to the tokenizer) when `chat_template` and the
+    tokenizer has one, else followed by a newline."""
+    user = softcot_user_message(question, n, placeholder, begin, end, instruction, thoughts_prefix)
+    if not _uses_template(tokenizer, chat_template):
+        return user + "\n"
+    return _render(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)
+
+
+def softcot_assistant_turn(tokenizer, prompt: str, user: str, target: str, chat_template: bool = True) -> str:
+    """The text after `prompt` that trains: the assistant turn as the chat template writes it (the
+    target and the template's end-of-turn marker; trailing whitespace after it is not learnt).
+    Without a template it is the bare target (the caller appends EOS)."""
+    if not _uses_template(tokenizer, chat_template):
+        return target
+    full = _render(tokenizer, [{"role": "user", "content": user}, {"role": "assistant", "content": target}],
+                   add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the user turn differently with an assistant turn after it; "
+                         "set method.softcot.chat_template=false")
+    turn = full[len(prompt):].rstrip()
+    if target not in turn:
+        raise ValueError(f"the chat template changed the assistant's target text: {turn[:80]!r}")
+    return turn
 
 
 @dataclass

@@ -15,7 +15,7 @@ else transformers' AutoConfig. Output format (tests/test_engine_plan.py checks i
       lora                          …       …      (adapters + trainable latent-token rows)
       decoder                       …       …      (SIM-CoT step decoder; 0 otherwise)
       assistant                     …       0      (SoftCoT only: the frozen assistant)
-      projection                    …       …
+      projection                    …       …      (SoftCoT++: + S initial-token embeddings)
       total                         …       …
     model states per GPU, GB   no offload   offload optim   offload optim+params
       ZeRO-2                        x.x            x.x             -
@@ -144,12 +144,13 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
             dec_n = _count(dec_model) + d["hidden"] * dec_dims["hidden"] + dec_dims["hidden"]
     params["decoder"] = (dec_n, dec_n)
     proj_n, assist_dims = 0, None
-    if m.name == "softcot":     # a frozen assistant + Linear(d_assist → d_base)
+    sets = m.softcot.num_thought_sets if m.name == "softcot" else 1     # SoftCoT++: S copies of every sequence
+    if m.name == "softcot":     # a frozen assistant + Linear(d_assist → d_base) [+ S initial tokens]
         assistant = _meta(ModelConfig(name_or_path=m.softcot.assistant_model, gguf_file=m.softcot.assistant_gguf_file,
                                       tiny=cfg.model.tiny))
         assist_dims = _dims(assistant)
         params["assistant"] = (_count(assistant), 0)
-        proj_n = assist_dims["hidden"] * d["hidden"] + d["hidden"]
+        proj_n = assist_dims["hidden"] * d["hidden"] + d["hidden"] + (sets * assist_dims["hidden"] if sets > 1 else 0)
     if latent_base == "codi" and m.codi.projection:
         h, inner = d["hidden"], m.codi.projection_inner_size or d["hidden"]
         proj_n = 2 * h * inner + inner + h + 2 * h       # Linear, Linear, LayerNorm
@@ -172,11 +173,13 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
     micro = cfg.train.per_device_train_batch_size
     passes = {"cot": seq, "nocot": seq, "coconut": seq + n_latents + 2, "codi": 2 * seq + n_latents + 2,
               "softcot": seq + n_latents + 2}
-    main_tokens = micro * passes[latent_base]
+    main_tokens = micro * sets * passes[latent_base]
     dec_tokens = micro * n_latents * (1 + m.simcot.max_step_tokens) if dec_dims else 0
     acts = {"rollout": main_tokens * d["layers"] * _act_bytes_per_token(d, width)}
-    if assist_dims:             # no grad through the assistant: one layer's activations at a time
-        acts["assistant"] = micro * (seq + n_latents) * _act_bytes_per_token(assist_dims, width)
+    if assist_dims:             # plain SoftCoT: no grad through the assistant, one layer's activations at a time;
+        # SoftCoT++: the initial tokens train through it, so all its layers' activations are kept, S x
+        layers = assist_dims["layers"] if sets > 1 else 1
+        acts["assistant"] = micro * sets * (seq + n_latents) * layers * _act_bytes_per_token(assist_dims, width)
     logit_tokens = main_tokens
     if dec_dims:
         acts["step decoder"] = dec_tokens * dec_dims["layers"] * _act_bytes_per_token(dec_dims, width)
@@ -184,7 +187,8 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
     # logits in the model dtype + the fp32 copy the CE takes + its gradient
     acts["logits"] = logit_tokens * d["vocab"] * (width + 8)
     acts["total"] = sum(acts.values())
-    note = (f"micro batch {micro}, {passes[latent_base]} tokens/row through the main model"
+    note = (f"micro batch {micro}" + (f" x {sets} thought sets" if sets > 1 else "")
+            + f", {passes[latent_base]} tokens/row through the main model"
             + (f", {n_latents} x {1 + m.simcot.max_step_tokens} decoder tokens/row" if dec_dims else "")
             + f"; seq {seq} = data.max_tokens" + (" (unset: assumed)" if not cfg.data.max_tokens else ""))
 
@@ -200,7 +204,8 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
     model_line = (f"{cfg.model.name_or_path} ({base.config.model_type}, hidden {d['hidden']}, {d['layers']} layers, "
                   f"vocab {d['vocab']} incl. {len(LATENT_TOKENS)} latent tokens), dtype {cfg.model.dtype}")
     method_line = m.name + (f" (base {m.simcot.base}, decoder {m.simcot.decoder})" if m.name == "simcot" else "") \
-        + (f" (assistant {m.softcot.assistant_model})" if m.name == "softcot" else "") \
+        + (f" (assistant {m.softcot.assistant_model}" + (f", {sets} thought sets" if sets > 1 else "") + ")"
+           if m.name == "softcot" else "") \
         + f", {n_latents} latents"
     accum = cfg.train.gradient_accumulation_steps
     cluster_line = (f"{world} GPUs = {nodes} node{'s' if nodes > 1 else ''} x {per_node}, {gpu_memory_gb:g} GB each; "

@@ -108,6 +108,8 @@ def load_examples(cfg: Config, tokenizer, log=print) -> list:
     data = read_section(cfg, "train")           # already read (and cached) by main()
     for i, (path, n, skipped) in enumerate(data.per_source):
         log(f"data.train.{i}: {n} examples from {path}" + (f" ({skipped} malformed skipped)" if skipped else ""))
+    if data.excluded:
+        log(f"data.exclude_eval_questions: {data.excluded} train examples dropped (their questions are in data.eval)")
     examples = data.examples
     if cfg.data.on_malformed == "skip" and is_rank0():
         skipped = data.skipped + (read_section(cfg, "eval").skipped if cfg.data.eval else [])

@@ -29,13 +29,13 @@ SCRIPT = ROOT / "tests" / "dist" / "train_variants.py"
 REF_RTOL = 3e-3
 
 
-def launch(spec: dict, tmp: Path, nproc: int = 2, timeout: int = 240, wait: bool = True):
-    """torchrun the variants script; the environment is cleaned of this process's own rank vars."""
+def launch(spec: dict, tmp: Path, nproc: int = 2, timeout: int = 240, wait: bool = True, script: Path = SCRIPT):
+    """torchrun the variants script (or `script`); the environment is cleaned of this process's own rank vars."""
     spec_file = tmp / f"spec_{int(time.time() * 1e6)}.json"
     spec_file.write_text(json.dumps(spec))
     env = child_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPT), str(spec_file)]
+           str(script), str(spec_file)]
     log = open(tmp / f"{spec_file.stem}.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     if not wait:

@@ -25,7 +25,8 @@ N = 3
 
 
 def softcot_cfg(lora: bool = False, assistant: str = "tiny-llama"):
-    return make_cfg("softcot", lora=lora, softcot__num_thoughts=N, softcot__assistant_model=assistant)
+    return make_cfg("softcot", lora=lora, softcot__num_thoughts=N, softcot__assistant_model=assistant,
+                    softcot__target="annotations")      # the GSM8k-Aug fixture has no natural-language lines
 
 
 @pytest.mark.parametrize("lora,assistant", [(False, "tiny-llama"), (True, "tiny-gpt2")])
@@ -112,7 +113,7 @@ def engine_run(tmp_path_factory):
         captured["tokenizer"] = tokenizer
 
     cfg = load_config(None, [*TINY_OVERRIDES, f"train.output_dir={out}", "method.name=softcot",
-                             f"method.softcot.num_thoughts={N}", "method.softcot.eval_num_thoughts=2",
+                             f"method.softcot.num_thoughts={N}", "method.softcot.eval_num_thoughts=2", "method.softcot.target=annotations",
                              "train.max_steps=2", "train.export=true", "train.projection_learning_rate=1e-2"])
     result = run(cfg, on_end=on_end)
     return cfg, out, result, captured

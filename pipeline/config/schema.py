@@ -122,8 +122,23 @@ class SoftCoTConfig:
     num_thoughts: int = 32             # N placeholders in training
     eval_num_thoughts: int = 4         # N written to latent_meta.json for evaluation (the paper's setting)
     assistant_instruction: str = ""    # text before the question in the assistant's input
-    instruction: str = ""              # text before the question in the base model's user message
+    # Text before the question / before the thoughts in the base model's user message; None = the
+    # target's default (socratic: an instruction block asking for the "## Step i:" format).
+    instruction: str | None = None
+    thoughts_prefix: str | None = None
     chat_template: bool = True         # wrap the base prompt in the tokenizer's chat template when it has one
+    # What the base model is trained to write: "socratic" (published: GSM8K's natural-language solution
+    # lines as "## Step i: …", then "Therefore, the final answer is: $\boxed{a}$.", as the assistant
+    # turn) or "annotations" (the example's steps + "The answer is: a").
+    target: Literal["socratic", "annotations"] = "socratic"
+    answer_line: bool = True           # socratic: keep GSM8K's "#### a" line as the last step (the reference does)
+    # SoftCoT++: S trainable initial-token embeddings, each filling the assistant's N placeholder slots,
+    # give S thought sets per question; an InfoNCE loss spreads them. 1 = plain SoftCoT.
+    num_thought_sets: int = 1
+    initial_tokens: list[str] | None = None   # assistant tokens whose rows initialise them; None = per tokenizer
+    contrastive_temperature: float = 0.05
+    contrastive_weight: float | None = None   # None = 1/S (the reference's 1/(S·B) on the per-question mean)
+    contrastive_dropout: float = 0.5          # the positive of a set is this dropout view of itself
 
 
 @dataclass
@@ -142,6 +157,10 @@ class DataSource:
     path: str = ""
     split: str = "train"
     max_examples: int | None = None
+    # Step text: the reader's steps (GSM8K: calculator annotations) or the natural-language lines
+    # (GSM8k-Aug-NL style, for CoT-SFT / Coconut / CODI / SIM-CoT); pipeline/data/views.py.
+    steps: Literal["annotations", "natural_language"] = "annotations"
+    config: str | None = None          # hub dataset configuration (format hf), e.g. "main" for openai/gsm8k
 
 
 @dataclass
@@ -153,6 +172,7 @@ class DataConfig:
     require_digit_answer: bool = False
     max_tokens: int | None = None
     on_malformed: Literal["error", "skip"] = "error"
+    exclude_eval_questions: bool = False   # drop (and count) train examples whose question is in data.eval
 
 
 @dataclass

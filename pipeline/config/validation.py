@@ -135,6 +135,8 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
         fail("method.simcot.decoder", "'shared' adds a LoRA adapter beside the main one: set model.lora.enabled=true "
              "(or use decoder 'full' or 'separate')")
 
+    _validate_softcot(cfg, fail)
+
     if cfg.train.eval_steps and not cfg.data.eval:
         fail("train.eval_steps", "validation during training needs data.eval (e.g. a GSM8k-Aug valid.txt); "
              "select models on a validation split, never on test")
@@ -171,3 +173,17 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
                  f"({cfg.train.gradient_accumulation_steps}) x world size ({world}) = {micro * world}")
 
 
+def _validate_softcot(cfg: Config, fail) -> None:
+    """SoftCoT / SoftCoT++ fields (checked whatever the method, so a typo fails early too)."""
+    sc = cfg.method.softcot
+    if sc.num_thought_sets < 1:
+        fail("method.softcot.num_thought_sets", f"must be >= 1 (1 = plain SoftCoT), got {sc.num_thought_sets}")
+    if sc.contrastive_temperature <= 0:
+        fail("method.softcot.contrastive_temperature", f"must be > 0, got {sc.contrastive_temperature}")
+    if sc.contrastive_weight is not None and sc.contrastive_weight < 0:
+        fail("method.softcot.contrastive_weight", f"must be >= 0 when set, got {sc.contrastive_weight}")
+    if not 0 <= sc.contrastive_dropout < 1:
+        fail("method.softcot.contrastive_dropout", f"must be in [0, 1), got {sc.contrastive_dropout}")
+    if sc.initial_tokens is not None and len(sc.initial_tokens) != sc.num_thought_sets:
+        fail("method.softcot.initial_tokens", f"names {len(sc.initial_tokens)} tokens for "
+             f"method.softcot.num_thought_sets={sc.num_thought_sets}; give one per thought set")

@@ -19,7 +19,7 @@ __all__ = ["trained_length"]
 def trained_length(cfg, tokenizer) -> Callable[[Example], int]:
     """`count(example) -> tokens` for `cfg.method` (SIM-CoT: its base method; the step decoder's
     targets are separate sequences capped by `method.simcot.max_step_tokens`)."""
-    from pipeline.latent import SOFTCOT_BEGIN, SOFTCOT_END, SOFTCOT_PLACEHOLDER, answer_text, cot_text, softcot_base_prompt
+    from pipeline.latent import answer_text, cot_text
     from pipeline.methods.batching import answer_segment, encode, encode_prompt
 
     method = cfg.method.name
@@ -52,9 +52,9 @@ def trained_length(cfg, tokenizer) -> Callable[[Example], int]:
         return longest
 
     def softcot(ex: Example) -> int:
-        sc = cfg.method.softcot
-        prompt = tokenizer(softcot_base_prompt(tokenizer, ex.question, sc.num_thoughts, SOFTCOT_PLACEHOLDER,
-                                               SOFTCOT_BEGIN, SOFTCOT_END, sc.instruction, sc.chat_template))
-        return len(prompt.input_ids) + len(encode(tokenizer, cot_text(ex.steps, ex.answer))) + eos
+        from pipeline.methods.softcot import base_sequence
+
+        prompt, trained = base_sequence(cfg, tokenizer, ex)     # exactly what the collate builds
+        return len(prompt) + len(trained)
 
     return {"codi": codi, "coconut": coconut, "softcot": softcot}.get(method, explicit)

@@ -26,6 +26,7 @@ from .example import (
     parse_calculator_steps,
     strip_calculator_annotations,
 )
+from .views import socratic_solution_line
 
 __all__ = [
     "FORMATS",
@@ -140,17 +141,15 @@ def _split_final_answer(text: str, where: str, fld: str) -> tuple[str, str]:
 
 
 def _gsm8k_reasoning(reasoning: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """GSM8K answer body → (calculator steps, natural-language lines without annotations).
+    """GSM8K answer body (plain or Socratic) → (calculator steps, natural-language lines).
 
-    The NL lines drop the ``<<…>>`` markup: it is GSM8K's calculator tooling, not language,
-    and the calculator steps are kept separately in ``steps``.
+    The NL lines drop the ``<<…>>`` markup (calculator tooling, kept in ``steps``) and a Socratic
+    sub-question, so a file and its Socratic variant read alike (pipeline/data/views.py). Blank
+    lines are not steps (a Socratic sub-question can sit over a blank solution line).
     """
-    steps = tuple(parse_calculator_steps(reasoning))
-    nl = tuple(
-        " ".join(strip_calculator_annotations(line).split())
-        for line in reasoning.splitlines()
-        if line.strip()
-    )
+    lines = [sol for sol in map(socratic_solution_line, reasoning.splitlines()) if sol.strip()]
+    steps = tuple(step for line in lines for step in parse_calculator_steps(line))
+    nl = tuple(" ".join(strip_calculator_annotations(line).split()) for line in lines)
     return steps, nl
 
 
@@ -349,9 +348,11 @@ def read_hf(
     split: str = "train",
     on_malformed: str = "error",
     max_examples: int | None = None,
+    config: str | None = None,
 ) -> ReadResult:
     """Read a Hugging Face dataset: a ``save_to_disk`` directory, or anything
-    ``datasets.load_dataset(path, split=split)`` accepts (hub name, local data folder).
+    ``datasets.load_dataset(path, config, split=split)`` accepts (hub name, local data folder);
+    ``config`` names a hub configuration (``openai/gsm8k`` has ``main`` and ``socratic``).
 
     Records are normalised by their fields (see ``_parse_hf_record``). Source ids are
     ``hf:<name>:<split>:<0-based index>``.
@@ -367,7 +368,7 @@ def read_hf(
             ds = ds[split]
         name = local.name
     else:
-        ds = datasets.load_dataset(str(path), split=split)
+        ds = datasets.load_dataset(str(path), config, split=split)
         name = str(path)
     out = _Collector(on_malformed, max_examples)
     for i, rec in enumerate(ds):
@@ -393,6 +394,7 @@ def read_source(
     split: str = "train",
     on_malformed: str = "error",
     max_examples: int | None = None,
+    config: str | None = None,
 ) -> ReadResult:
     """Read ``path`` with the reader for format ``fmt`` (one of :data:`FORMATS`).
 
@@ -404,7 +406,7 @@ def read_source(
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; allowed: {', '.join(FORMATS)}")
     if fmt == "hf":
-        return read_hf(path, split=split, on_malformed=on_malformed, max_examples=max_examples)
+        return read_hf(path, split=split, on_malformed=on_malformed, max_examples=max_examples, config=config)
     file = Path(path)
     if file.is_dir():
         file = file / _SPLIT_FILES[fmt].format(split=split)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .example import DataFormatError, Example
 from .readers import _SPLIT_FILES, ReadResult, _display_name, read_source
+from .views import exclude_questions, missing_natural_language, with_step_text
 
 __all__ = ["DataError", "SectionData", "format_error", "read_section", "resolve_file", "write_skipped"]
 
@@ -33,6 +34,7 @@ class SectionData:
     examples: list[Example]
     per_source: list[tuple[str, int, int]]     # (path, examples kept, malformed skipped)
     skipped: list[str]                         # "path:line: field 'x': reason", one per skipped record
+    excluded: int = 0                          # train examples dropped as data.eval questions
 
 
 _CACHE: dict[tuple, ReadResult] = {}
@@ -63,14 +65,15 @@ def format_error(err: DataFormatError, file: Path | None) -> str:
     return f"{where}: {reason}"
 
 
-def _read(fmt: str, path: str, split: str, on_malformed: str, max_examples, where: str) -> tuple[ReadResult, Path | None]:
+def _read(fmt: str, path: str, split: str, on_malformed: str, max_examples, where: str,
+          config: str | None = None) -> tuple[ReadResult, Path | None]:
     file = None if fmt == "hf" else resolve_file(fmt, path, split, where)
     stat = file.stat() if file is not None else None
-    key = (fmt, str(file or path), split, on_malformed, max_examples,
+    key = (fmt, str(file or path), split, on_malformed, max_examples, config,
            stat and (stat.st_mtime_ns, stat.st_size))
     if key not in _CACHE:
         try:
-            _CACHE[key] = read_source(fmt, file or path, split, on_malformed, max_examples)
+            _CACHE[key] = read_source(fmt, file or path, split, on_malformed, max_examples, config)
         except DataFormatError as err:
             raise DataError(f"{format_error(err, file)} ({where})") from None
         except OSError as err:
@@ -83,12 +86,35 @@ def read_section(cfg, section: str = "train") -> SectionData:
     out = SectionData(examples=[], per_source=[], skipped=[])
     for i, src in enumerate(getattr(cfg.data, section)):
         result, file = _read(src.format, src.path, src.split, cfg.data.on_malformed, src.max_examples,
-                             f"data.{section}.{i}")
-        out.examples += result.examples
-        out.per_source.append((src.path, len(result.examples), len(result.skipped)))
+                             f"data.{section}.{i}", src.config)
+        try:
+            examples = with_step_text(result.examples, src.steps,
+                                      f"data.{section}.{i}.steps")
+        except ValueError as err:
+            raise DataError(str(err)) from None
+        out.examples += examples
+        out.per_source.append((src.path, len(examples), len(result.skipped)))
         name = _display_name(file) if file is not None else None
         out.skipped += [str(file) + m[len(name):] if name and m.startswith(name) else m for m in result.skipped]
+    if section == "train" and cfg.data.exclude_eval_questions and cfg.data.eval:
+        out.examples, out.excluded = exclude_questions(out.examples, read_section(cfg, "eval").examples)
+    if section == "train":
+        _check_method_needs(cfg, out.examples)
     return out
+
+
+def _check_method_needs(cfg, examples) -> None:
+    """SoftCoT's Socratic target is built from natural-language solution lines: refuse, before any
+    model loads, data that has only calculator annotations (GSM8k-Aug lines)."""
+    sc = cfg.method.softcot
+    if cfg.method.name != "softcot" or sc.target != "socratic":
+        return
+    for ex in examples:
+        if missing_natural_language(ex):
+            raise DataError(f"{ex.source_id}: method.softcot.target=socratic needs GSM8K's natural-language "
+                            "solution lines, but this example has calculator annotations only; read GSM8K "
+                            "jsonl (format gsm8k, e.g. ../shared/data/gsm8k/train.jsonl) or set "
+                            "method.softcot.target=annotations")
 
 
 def write_skipped(output_dir: str | Path, skipped: list[str]) -> Path:

@@ -44,7 +44,8 @@ METHOD_VARIANTS = {
     "simcot_full": ["method.name=simcot", "method.simcot.decoder=full"],
     "simcot_shared_coconut": ["method.name=simcot", "method.simcot.decoder=shared", "method.simcot.base=coconut",
                               *COCONUT, *LORA],
-    "softcot": ["method.name=softcot", "method.softcot.num_thoughts=2", "method.softcot.assistant_model=tiny-gpt2"],
+    "softcot": ["method.name=softcot", "method.softcot.num_thoughts=2", "method.softcot.assistant_model=tiny-gpt2",
+                "method.softcot.target=annotations"],
 }
 
 

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-STEP_RE = re.compile(r"<<\s*(-?[\d.]+)\s*[-+*/]\s*(-?[\d.]+)\s*=\s*(-?[\d.]+)\s*>>")
+STEP_RE = re.compile(r"<<\s*(-?[\d.]+)\s*([-+*/])\s*(-?[\d.]+)\s*=\s*(-?[\d.]+)\s*>>")
 
 
-def _step_parts(step: str) -> tuple[str, str] | None:
+def _step_parts(step: str) -> tuple[str, str, str] | None:
     m = STEP_RE.search(step or "")
-    return (m.group(1), m.group(3)) if m else None            # (first operand, result)
+    return (m.group(1), m.group(4), m.group(2) + m.group(3)) if m else None   # (operand, result, "op b")
 
 
 def _first_digit_token(tokenizer, number: str) -> int:
@@ -51,7 +51,7 @@ def diagnose(export: str, data: str, n: int = 200, batch_size: int = 50) -> dict
     n_lat = int(meta.get("num_latents") or 0)
     stats: dict[str, list] = {k: [] for k in ("correct", "abs_err", "dec_exact", "dec_result", "dec_operand",
                                               "head_result", "head_operand", "attn", "ce_prefix", "ce_digits",
-                                              "ce_eos", "n_steps", "latent_norm")}
+                                              "ce_eos", "n_steps", "latent_norm", "dec_op")}
     emb_norm = float(model.get_input_embeddings().weight.norm(dim=-1).mean())
     for start in range(0, len(insts), batch_size):
         chunk = insts[start:start + batch_size]
@@ -74,7 +74,7 @@ def diagnose(export: str, data: str, n: int = 200, batch_size: int = 50) -> dict
                 parts = _step_parts(step)
                 if parts is None:
                     continue
-                operand, result = parts
+                operand, result, op_b = parts
                 row = {"k": k}
                 if decoded is not None:
                     text = decoded[b * n_lat + k]
@@ -82,6 +82,7 @@ def diagnose(export: str, data: str, n: int = 200, batch_size: int = 50) -> dict
                     stats["dec_exact"].append((k, int(re.sub(r"\s", "", text) == re.sub(r"\s", "", step))))
                     stats["dec_result"].append((k, int(got is not None and got[1] == result)))
                     stats["dec_operand"].append((k, int(got is not None and got[0] == operand)))
+                    stats["dec_op"].append((k, int(got is not None and got[2] == op_b)))
                 top = int(head_top[b, k])
                 stats["head_result"].append((k, int(top == _first_digit_token(tok, result))))
                 stats["head_operand"].append((k, int(top == _first_digit_token(tok, operand))))
@@ -145,6 +146,7 @@ def _summarise(s: dict, n_lat: int) -> dict:
         "step_decoder_exact_by_latent": _by_k(s["dec_exact"], n_lat) if s["dec_exact"] else None,
         "step_decoder_result_by_latent": _by_k(s["dec_result"], n_lat) if s["dec_result"] else None,
         "step_decoder_operand_by_latent": _by_k(s["dec_operand"], n_lat) if s["dec_operand"] else None,
+        "step_decoder_operation_by_latent": _by_k(s["dec_op"], n_lat) if s["dec_op"] else None,
         "lm_head_top1_is_result_digit_by_latent": _by_k(s["head_result"], n_lat),
         "lm_head_top1_is_operand_digit_by_latent": _by_k(s["head_operand"], n_lat),
         "answer_attention_on_latents_by_layer": ([statistics.fmean(r[i] for r in attn) for i in range(len(attn[0]))]

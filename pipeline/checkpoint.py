@@ -91,13 +91,16 @@ def mark_best(output_dir: str | Path, tag: str) -> None:
 
 
 def best_tag(output_dir: str | Path) -> str | None:
-    """The best checkpoint's tag, when one is recorded and still on disk."""
+    """The best checkpoint's tag, when one is recorded and still on disk, as global rank 0 reads it.
+
+    Rank 0 alone writes the file (after the others have moved on), so each rank reading it itself
+    can see it missing or stale; a rank that then skips the load its peers run hangs ZeRO-3.
+    """
     root = checkpoint_root(output_dir)
     file = root / BEST_FILE
-    if not file.is_file():
-        return None
-    tag = file.read_text().strip()
-    return tag if (root / tag).is_dir() else None
+    tag = file.read_text().strip() if file.is_file() else None
+    tag = tag if tag and (root / tag).is_dir() else None
+    return _from_rank0(tag)
 
 
 def _prune(root: Path, keep: int, current: str) -> None:
@@ -119,14 +122,17 @@ def agreed_latest_tag(root: Path) -> str | None:
     filesystem may be older (NFS attribute caching after a quick restart), and ranks loading
     different steps diverge silently or hang in ZeRO's collectives.
     """
+    return _from_rank0(latest_tag(root))
+
+
+def _from_rank0(value):
     import torch.distributed as dist
 
-    tag = latest_tag(root)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [tag]
+        box = [value]
         dist.broadcast_object_list(box, src=0)
-        tag = box[0]
-    return tag
+        value = box[0]
+    return value
 
 
 def load(strategy: Strategy, output_dir: str | Path, tag: str | None = None) -> TrainState | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,12 @@ def smoke_overrides(recipe: str, out: Path) -> list[str]:
             "data.eval.0.max_examples=4",
             "train.max_steps=2", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1",
             "train.logging_steps=1", "train.report_to=[]", f"train.output_dir={out}"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:
@@ -107,7 +114,7 @@ def test_card_command_on_two_ranks(tmp_path):
     output directory's name holds spaces and shell metacharacters, and must be used literally."""
     out = tmp_path / "run dir; $(touch PWNED) & 'q' \"dq\""
     log = tmp_path / "card.log"
-    finish(start(["deepspeed", "--num_gpus", "2", str(RECIPES / "llama8b_simcot.sh"),
+    finish(start(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(RECIPES / "llama8b_simcot.sh"),
                   *smoke_overrides("llama8b_simcot", out)], tmp_path, log), log)
     check_run("llama8b_simcot", out, world=2)
     assert recipe_stage("llama8b_simcot") == 3
@@ -119,8 +126,10 @@ def test_every_training_recipe_through_its_launcher(pair, tmp_path):
     procs = []
     for k, recipe in enumerate(r for r in pair if r != "llama8b_simcot"):   # the card's test runs that one
         out, log = tmp_path / recipe, tmp_path / f"{recipe}.log"
-        launcher = (["deepspeed", "--num_gpus", "1", str(RECIPES / f"{recipe}.sh")] if k == 0 else
-                    ["bash", str(RECIPES / f"{recipe}.sh"), "--num_gpus", "1"])
+        # Two launchers run at once: each needs its own rendezvous port (both default to 29500).
+        port = ["--master_port", str(free_port())]
+        launcher = (["deepspeed", "--num_gpus", "1", *port, str(RECIPES / f"{recipe}.sh")] if k == 0 else
+                    ["bash", str(RECIPES / f"{recipe}.sh"), "--num_gpus", "1", *port])
         procs.append((recipe, out, log, start([*launcher, *smoke_overrides(recipe, out)], tmp_path, log)))
     finish_all(procs)
     for recipe, out, _, _ in procs:

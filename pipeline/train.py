@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from pipeline._lazy import LazyModule
+from pipeline.checkpoint_files import CheckpointError
 from pipeline.config import Config, ConfigError, dump_config, load_config
 from pipeline.data.sources import DataError, read_section
 
@@ -70,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"data error: {exc}", file=sys.stderr)
         return 2
-    result = run(cfg)
+    except CheckpointError as exc:      # --export-from
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run(cfg)
+    except CheckpointError as exc:      # every rank raises it alike (checkpoint.resume_tag agrees first)
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 2
     return 0 if result["step"] >= result["total_steps"] or result["interrupted"] else 1
 
 
@@ -141,6 +149,13 @@ def curriculum_stage(cfg: Config, epoch: int) -> int:
     from pipeline.methods import method_module
 
     return method_module("coconut").stage_for_epoch(epoch, cfg) if uses_curriculum(cfg) else 0
+
+
+def resets_optimizer(cfg: Config, epoch: int) -> bool:
+    """Whether AdamW's moments are forgotten as `epoch` starts (method.coconut.reset_optimizer)."""
+    from pipeline.methods import method_module
+
+    return epoch > 0 and uses_curriculum(cfg) and method_module("coconut").should_reset_optimizer(epoch - 1, epoch, cfg)
 
 
 def curriculum_warning(cfg: Config) -> str | None:
@@ -271,12 +286,14 @@ def run(cfg: Config, on_end=None) -> dict:
     if rank == 0:
         print0(dump_config(cfg, out / "config.yaml"))
     barrier()
+    # Before any model loads: a damaged or refused checkpoint stops the run here.
+    resume_from = checkpoint.resume_tag(out, cfg.train.resume)
     tokenizer = load_run_tokenizer(cfg, out)
     examples = load_examples(cfg, tokenizer, log=print0)
     module, collate, loaded = build_module(cfg, tokenizer)
     steps_per_epoch, total = schedule(cfg, len(examples), world)
     strategy.prepare(module, total, hidden_size=loaded.hidden_size)
-    state = checkpoint.load(strategy, out) if cfg.train.resume else None
+    state = checkpoint.load(strategy, out, resume_from) if resume_from else None
     resumed = state is not None
     state = state or checkpoint.TrainState()
     print0(f"{len(examples)} examples, world size {world}, {steps_per_epoch} steps/epoch, {total} steps"
@@ -298,9 +315,9 @@ def run(cfg: Config, on_end=None) -> dict:
     t_window = time.time()
     while state.step < total and not interrupted:
         stage = curriculum_stage(cfg, state.epoch)
+        if state.micro_in_epoch == 0 and resets_optimizer(cfg, state.epoch):   # not on a mid-epoch resume
+            strategy.reset_optimizer()
         if stage != state.stage:
-            if cfg.method.coconut.reset_optimizer_on_stage_change:
-                strategy.reset_optimizer()
             print0(f"epoch {state.epoch}: curriculum stage {state.stage} -> {stage}")
             state.stage = stage
         order = epoch_shard(len(examples), cfg.train.seed, state.epoch, rank, world)

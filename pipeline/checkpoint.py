@@ -6,10 +6,10 @@
       step_40/        one committed checkpoint (files: pipeline/checkpoint_files.py)
       .tmp-step_50/   a save in progress, or one a kill interrupted: never read, removed by the next save
 
-Saving (collective): every rank writes its files into .tmp-step_N; after a barrier every rank
-checksums a share of them; rank 0 merges the manifest, renames the directory to step_N (the commit
-point), rechecks it, writes `latest`, then prunes. A kill before the rename leaves only a .tmp dir;
-a kill after it leaves a complete step_N.
+Saving (collective): every rank writes its files into .tmp-step_N; after a barrier rank 0 lists
+them and every rank checksums a share; rank 0 merges the manifest, renames the directory to
+step_N (the commit point), rechecks it, writes `latest`, then prunes. A kill before the rename
+leaves only a .tmp dir; a kill after it leaves a complete step_N.
 
 Resuming (`resume_tag`, collective, before any model loads): the newest step_N whose manifest
 verifies, so a checkpoint committed just before a kill that beat `latest` is used, and a damaged
@@ -110,6 +110,9 @@ def save(strategy: Strategy, output_dir: str | Path, state: TrainState, keep: in
         files.write_json(tmp / files.TRAIN_STATE, asdict(state))
     strategy.save_checkpoint(str(root), tmp.name)
     barrier()                           # every rank's files are on disk
+    if rank == 0:
+        files.write_file_list(tmp)
+    barrier()
     files.write_manifest_part(tmp, rank, world)
     barrier()                           # every share is checksummed
     if rank == 0:

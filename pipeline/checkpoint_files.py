@@ -136,10 +136,16 @@ def checksum(path: Path, sync: bool = False) -> str:
     return f"{crc:08x}"
 
 
+def write_file_list(directory: Path) -> None:
+    """Rank 0, once every rank finished writing: the one listing all ranks share out (each rank's
+    own listing could lag behind on a network filesystem)."""
+    write_json(directory / f"{_PART}list.json", list_files(directory))
+
+
 def write_manifest_part(directory: Path, rank: int, world: int) -> None:
-    """This rank's share of the files (every world-th, by name): sizes and checksums. Every rank
-    calls it after all ranks finished writing, so the hashing (and fsync) runs in parallel."""
-    share = list_files(directory)[rank::world]
+    """This rank's share of rank 0's file list (every world-th name): sizes and checksums, so the
+    hashing (and fsync) of a large checkpoint runs on every rank in parallel."""
+    share = read_json(directory / f"{_PART}list.json")[rank::world]
     entries = {name: {"size": (directory / name).stat().st_size, "crc32": checksum(directory / name, sync=True)}
                for name in share}
     write_json(directory / f"{_PART}{rank}.json", entries)
@@ -147,20 +153,21 @@ def write_manifest_part(directory: Path, rank: int, world: int) -> None:
 
 def merge_manifest(directory: Path, world: int) -> None:
     """Rank 0, after every part is written: one manifest.json covering exactly the files present."""
+    listed = read_json(directory / f"{_PART}list.json")
     files: dict = {}
     for rank in range(world):
-        part = directory / f"{_PART}{rank}.json"
-        files.update(read_json(part))
+        files.update(read_json(directory / f"{_PART}{rank}.json"))
+    if sorted(files) != listed or list_files(directory) != listed:
+        raise CheckpointError(f"{directory}: its files changed while the manifest was written")
+    for part in directory.glob(f"{_PART}*"):
         part.unlink()
-    missing = sorted(set(list_files(directory)) - set(files))
-    if missing:
-        raise CheckpointError(f"{directory}: files appeared while the manifest was written: {missing[:5]}")
     write_json(directory / MANIFEST, {"format": MANIFEST_FORMAT, "checksum": "crc32", "files": files})
     fsync_dir(directory)
 
 
 def write_manifest(directory: Path) -> None:
     """The manifest of a directory in one process (tools and tests)."""
+    write_file_list(Path(directory))
     write_manifest_part(Path(directory), 0, 1)
     merge_manifest(Path(directory), 1)
 
@@ -187,7 +194,8 @@ def verify(directory: Path, rank: int = 0, world: int = 1, checksums: bool = Tru
     present = set(list_files(directory))
     problems = []
     if rank == 0:
-        problems += [(DAMAGED, f"{directory / n}: missing (listed in {MANIFEST})") for n in sorted(set(files) - present)]
+        problems += [(DAMAGED, f"{directory / n}: missing (listed in {MANIFEST})")
+                     for n in sorted(set(files) - present)]
         problems += [(DAMAGED, f"{directory / n}: not in {MANIFEST} (added after the save)")
                      for n in sorted(present - set(files))]
     for name in sorted(set(files) & present)[rank::world]:

@@ -436,13 +436,14 @@ def safe_torch_load(path, map_location="cpu", mmap: bool = False):
                                   f"DeepSpeed writes ({found.group(1) if found else exc}); nothing in it was run",
                                   refused=True) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as exc:
-        raise CheckpointFileError(path, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise CheckpointFileError(path, f"unreadable ({type(exc).__name__}: {first_line})") from None
 
 
 def refused_globals(path) -> list[str]:
     """The types a torch.save file needs beyond the allow-list, read from its pickle opcodes without
     running them, so ranks can agree to refuse a checkpoint before any rank starts a collective load.
-    (A static scan misses nothing safe_torch_load would accept, but the load stays the enforcement.)"""
+    It is an early warning (it reads only the GLOBAL opcodes); safe_torch_load stays the enforcement."""
     with torch.serialization.safe_globals(deepspeed_pickle_types()):
         return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(os.fspath(path)))
 

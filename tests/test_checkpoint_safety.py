@@ -53,15 +53,14 @@ def resume(out: Path, stage: int) -> None:
 def test_planted_pickle_on_resume_is_refused_by_name(runs, tmp_path, name):
     """rng_state_0.pt is where the RNG state used to be pickled; nothing may unpickle it now.
     A refused file stops the run (exit 2 from the CLI) rather than being skipped quietly."""
-    from pipeline.checkpoint_files import CheckpointError
-
     out, marker = copy_run(runs, 0, tmp_path), tmp_path / "marker"
     target = out / "checkpoints" / "step_2" / name
     plant(target, marker)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(Exception) as err:
         resume(out, 0)
-    assert str(err.value).startswith(f"{target}: refused")
-    assert not marker.exists()
+    assert not marker.exists()                  # first: no code ran, whatever the error
+    from pipeline.checkpoint_files import CheckpointError
+    assert err.type is CheckpointError and str(err.value).startswith(f"{target}: refused")
 
 
 def test_pickle_posing_as_safetensors_rng_is_never_unpickled(runs, tmp_path, capsys):
@@ -81,7 +80,7 @@ def test_pickle_posing_as_safetensors_rng_is_never_unpickled(runs, tmp_path, cap
                                         (3, "zero_pp_rank_0_mp_rank_00_model_states.pt")])
 def test_deepspeed_engine_loads_with_the_allow_list_only(runs, tmp_path, stage, name):
     """Below the manifest check: DeepSpeed's own checkpoint engine, handed a planted file, refuses it."""
-    from pipeline.strategy import CheckpointFileError, Strategy
+    from pipeline.strategy import Strategy
     from pipeline.train import build_module, load_run_tokenizer
 
     out, marker = copy_run(runs, stage, tmp_path), tmp_path / "marker"
@@ -91,10 +90,12 @@ def test_deepspeed_engine_loads_with_the_allow_list_only(runs, tmp_path, stage, 
     strategy.prepare(module, total_steps=2, hidden_size=loaded.hidden_size)
     strategy.load_checkpoint(str(out / "checkpoints"), "step_1")        # the genuine files load
     plant(out / "checkpoints" / "step_2" / name, marker)
-    with pytest.raises(CheckpointFileError) as err:
+    with pytest.raises(Exception) as err:
         strategy.load_checkpoint(str(out / "checkpoints"), "step_2")
-    assert err.value.refused and str(out / "checkpoints" / "step_2" / name) in str(err.value)
     assert not marker.exists()
+    from pipeline.strategy import CheckpointFileError
+    assert err.type is CheckpointFileError and err.value.refused
+    assert str(err.value).startswith(f"{out / 'checkpoints' / 'step_2' / name}: refused")
 
 
 EXPORT_CASES = [(0, "mp_rank_00_model_states.pt"),
@@ -114,10 +115,15 @@ def test_export_from_refuses_planted_states(runs, tmp_path, capsys, stage, name)
     for with_manifest in (True, False):
         if not with_manifest:
             (ckpt / "manifest.json").unlink(missing_ok=True)
-        assert main(["--export-from", str(ckpt), str(tmp_path / "export")]) == 2
+        try:
+            rc = main(["--export-from", str(ckpt), str(tmp_path / "export")])
+        except Exception as exc:                # not a clean exit: still check the marker first
+            rc = exc
+        assert not marker.exists()
+        assert rc == 2
         err = capsys.readouterr().err
         assert f"checkpoint error: {ckpt / name}: refused" in err, err[-2000:]
-        assert not marker.exists() and not (tmp_path / "export").exists()
+        assert not (tmp_path / "export").exists()
 
 
 def test_export_from_a_genuine_checkpoint_still_works(runs, tmp_path):
@@ -133,8 +139,6 @@ def test_export_from_a_genuine_checkpoint_still_works(runs, tmp_path):
 def test_coconut_init_from_refuses_pickled_weights(build, tmp_path, adapter):
     from conftest import make_cfg
 
-    from pipeline.checkpoint_files import CheckpointError
-
     source = build(make_cfg("cot", lora=adapter), seed=5, live_lora=False)
     export, marker = tmp_path / "export", tmp_path / "marker"
     if adapter:      # a base + LoRA export whose adapter is a pickle
@@ -149,7 +153,8 @@ def test_coconut_init_from_refuses_pickled_weights(build, tmp_path, adapter):
     plant(planted, marker)
     cfg = make_cfg("coconut")
     cfg.method.coconut.init_from = str(export)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(Exception) as err:
         build(cfg, seed=0, live_lora=False)
-    assert f"method.coconut.init_from: {planted}: refused" in str(err.value)
-    assert not marker.exists()
+    assert not marker.exists()      # transformers and peft refuse such pickles too, but without naming them
+    from pipeline.checkpoint_files import CheckpointError
+    assert err.type is CheckpointError and f"method.coconut.init_from: {planted}: refused" in str(err.value)

@@ -169,6 +169,7 @@ def _check_safetensors_only(path: Path) -> None:
                                   f"could run code from; init_from reads {safe[0]} (as pipeline.export writes)")
         raise CheckpointError(f"method.coconut.init_from: {path} has no {safe[0]}; give a CoT-SFT export directory")
 
+
 @torch.no_grad()
 def load_init_weights(model, path: str | Path) -> None:
     """Copy a CoT-SFT export's weights into `model`'s base weights (LoRA, if any, starts fresh).

@@ -115,16 +115,22 @@ def save(strategy: Strategy, output_dir: str | Path, state: TrainState, keep: in
     barrier()
     files.write_manifest_part(tmp, rank, world)
     barrier()                           # every share is checksummed
+    error = None
     if rank == 0:
-        files.merge_manifest(tmp, world)
-        _commit(root, tmp, root / tag)
-        problems = files.verify(root / tag, checksums=False)
-        if problems:                    # never prune (or point `latest`) on an unverified checkpoint
-            raise CheckpointError(f"checkpoint {root / tag} failed verification after saving: {problems[0][1]}")
-        files.write_text(root / "latest", tag)
-        files.fsync_dir(root)
-        _prune(root, keep, current=tag)
-    barrier()
+        try:
+            files.merge_manifest(tmp, world)
+            _commit(root, tmp, root / tag)
+            problems = files.verify(root / tag, checksums=False)
+            if problems:                # never prune (or point `latest`) on an unverified checkpoint
+                raise CheckpointError(f"checkpoint {root / tag} failed verification after saving: {problems[0][1]}")
+            files.write_text(root / "latest", tag)
+            files.fsync_dir(root)
+            _prune(root, keep, current=tag)
+        except (OSError, CheckpointError) as exc:
+            error = exc
+    # Also the closing barrier: the other ranks learn of a failed commit instead of waiting on rank 0.
+    if agree_max(int(error is not None)):
+        raise error or CheckpointError(f"checkpoint {root / tag}: rank 0 could not commit it (see its error)")
     return root / tag
 
 

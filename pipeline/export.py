@@ -196,6 +196,22 @@ def export_live(strategy, cfg: Config, tokenizer, out_dir: str | Path) -> Path |
     return out
 
 
+def _verify_checkpoint(ckpt: Path) -> None:
+    """Refuse a damaged checkpoint (or one holding a planted pickle) by name before reading it.
+    One without a manifest (written before manifests existed, or copied by hand) is read anyway:
+    every file still goes through strategy.safe_torch_load."""
+    from pipeline import checkpoint_files
+
+    if not ckpt.is_dir():
+        raise checkpoint_files.CheckpointError(f"{ckpt}: not a checkpoint directory")
+    if not (ckpt / checkpoint_files.MANIFEST).is_file():
+        print(f"warning: {ckpt} has no {checkpoint_files.MANIFEST}; its files are not verified", file=sys.stderr)
+        return
+    problems = checkpoint_files.verify(ckpt)
+    if problems:
+        raise checkpoint_files.CheckpointError("; ".join(message for _, message in problems))
+
+
 def export_from_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, config: str | None = None,
                            overrides=()) -> Path:
     """Offline export of `output_dir/checkpoints/step_N` (any ZeRO stage); the run's config.yaml by default."""
@@ -203,6 +219,7 @@ def export_from_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, config: st
     from pipeline.strategy import zero_checkpoint_state_dict
 
     ckpt = Path(ckpt_dir).resolve()
+    _verify_checkpoint(ckpt)
     run_dir = ckpt.parent.parent
     cfg = load_config(config or run_dir / "config.yaml", list(overrides))
     tokenizer = load_tokenizer(cfg.model, build_dir=run_dir / "tokenizer")

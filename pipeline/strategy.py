@@ -26,6 +26,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from pipeline.checkpoint_files import CheckpointError
 from pipeline.config import Config, ConfigError, resolve_ds_template
 
 # DeepSpeed picks its accelerator at import time; on a machine without CUDA say so explicitly
@@ -301,6 +302,9 @@ class Strategy:
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.optimizer,
                                                     lr_scheduler=scheduler, config=self.ds_config)
+        # DeepSpeed's checkpoint engine unpickles with weights_only=False; shadow its `load` on this
+        # engine's instance only (every checkpoint engine class has the same load(path, map_location)).
+        self.engine.checkpoint_engine.load = safe_torch_load
         return self.engine
 
     # ---- the step
@@ -347,16 +351,21 @@ class Strategy:
         """
         self.optimizer.state.clear()
 
-    # ---- checkpoints (tags, RNG and pruning are pipeline.checkpoint's job)
-    def save_checkpoint(self, root: str, tag: str, client_state: dict) -> None:
+    # ---- checkpoints (tags, RNG, manifests and pruning are pipeline.checkpoint's job)
+    def save_checkpoint(self, root: str, tag: str) -> None:
         # Frozen weights are rebuilt from model.name_or_path + seed on resume, so they are not saved
-        # (a frozen 8B base would otherwise be written at every checkpoint).
-        self.engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False,
+        # (a frozen 8B base would otherwise be written at every checkpoint). No client_state: the
+        # loop's own state goes to JSON next to DeepSpeed's files (pipeline.checkpoint).
+        self.engine.save_checkpoint(root, tag=tag, save_latest=False,
                                     exclude_frozen_parameters=self.has_frozen())
 
-    def load_checkpoint(self, root: str, tag: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(root, tag=tag, load_module_strict=not self.has_frozen())
-        return client_state or {}
+    def load_checkpoint(self, root: str, tag: str) -> None:
+        """Model, optimizer and scheduler from root/tag; every file goes through safe_torch_load."""
+        if self.engine.load_universal_checkpoint():
+            # Universal checkpoints are read by DeepSpeed's optimizers with torch.load(weights_only=False).
+            raise CheckpointFileError(f"{root}/{tag}", "deepspeed.template: checkpoint.load_universal is not "
+                                      "supported (DeepSpeed reads those files with unrestricted pickle)")
+        self.engine.load_checkpoint(root, tag=tag, load_module_strict=not self.has_frozen())
 
     def has_frozen(self) -> bool:
         return any(not p.requires_grad for p in self.engine.module.parameters())
@@ -386,11 +395,91 @@ def zero_checkpoint_state_dict(checkpoint_dir: str, tag: str) -> dict:
 
     files = list((Path(checkpoint_dir) / tag).glob("*optim_states.pt"))
     if files and any("zero_pp_rank" in f.name or "bf16_zero" in f.name for f in files):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag, exclude_frozen_parameters=True)
-    states = torch.load(Path(checkpoint_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)
+        with _zero_to_fp32_loads_safely() as zero_to_fp32:
+            return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag,
+                                                                         exclude_frozen_parameters=True)
+    states = safe_torch_load(Path(checkpoint_dir) / tag / "mp_rank_00_model_states.pt")
     return {k: v.float() for k, v in states["module"].items()}
+
+
+# --------------------------------------------------------------------------- loading DeepSpeed's files safely
+
+class CheckpointFileError(CheckpointError):
+    """A checkpoint file that was not loaded; the message starts with its path. `refused`: it holds
+    pickled objects outside the allow-list (planted or foreign), rather than being damaged."""
+
+    def __init__(self, path, message: str, refused: bool = False):
+        super().__init__(f"{path}: {message}")
+        self.path, self.refused = str(path), refused
+
+
+def deepspeed_pickle_types() -> list:
+    """Every non-tensor type DeepSpeed 0.19 pickles into its files (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-0/2/3, fp32/bf16 and offload
+    checkpoints). None runs code when rebuilt: an int Enum looked up by value, a dataclass of two
+    ints and a plain class whose attributes are set from the pickle (no __setstate__)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [ZeroStageEnum, fragment_address, LossScaler]
+
+
+def safe_torch_load(path, map_location="cpu", mmap: bool = False):
+    """torch.load(weights_only=True) with only DeepSpeed's types added. A refused or unreadable file
+    raises CheckpointFileError naming it (not torch's advice to retry with weights_only=False)."""
+    import pickle
+    import re
+    import zipfile
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointFileError(path, "missing")
+    if not zipfile.is_zipfile(path):      # torch.save's format is a zip; anything else is damaged or foreign
+        raise CheckpointFileError(path, "not a torch.save archive (truncated or damaged)")
+    try:
+        with torch.serialization.safe_globals(deepspeed_pickle_types()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. Please|$)", str(exc), re.M)
+        raise CheckpointFileError(path, "refused: it holds pickled objects outside the allow-list of types "
+                                  f"DeepSpeed writes ({found.group(1) if found else exc}); nothing in it was run",
+                                  refused=True) from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as exc:
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise CheckpointFileError(path, f"unreadable ({type(exc).__name__}: {first_line})") from None
+
+
+def refused_globals(path) -> list[str]:
+    """The types a torch.save file needs beyond the allow-list, read from its pickle opcodes without
+    running them, so ranks can agree to refuse a checkpoint before any rank starts a collective load.
+    It is an early warning (it reads only the GLOBAL opcodes); safe_torch_load stays the enforcement."""
+    with torch.serialization.safe_globals(deepspeed_pickle_types()):
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(os.fspath(path)))
+
+
+class _TorchWithSafeLoad:
+    """Stands in for `torch` inside deepspeed.utils.zero_to_fp32, which calls
+    torch.load(weights_only=False) itself; every other attribute is the real torch's."""
+
+    @staticmethod
+    def load(f, map_location=None, mmap=False, **_ignored):    # its weights_only=False is dropped on purpose
+        return safe_torch_load(f, map_location=map_location, mmap=mmap)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _zero_to_fp32_loads_safely():
+    """deepspeed.utils.zero_to_fp32 with its module-global `torch` swapped for the block's duration."""
+    from deepspeed.utils import zero_to_fp32
+
+    saved = zero_to_fp32.torch
+    zero_to_fp32.torch = _TorchWithSafeLoad()
+    try:
+        yield zero_to_fp32
+    finally:
+        zero_to_fp32.torch = saved
 
 
 def estimate_model_states(trainable: int, largest_layer: int, gpus_per_node: int, nodes: int) -> dict:

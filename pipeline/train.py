@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from pipeline._lazy import LazyModule
+from pipeline.checkpoint_files import CheckpointError
 from pipeline.config import Config, ConfigError, dump_config, load_config
 from pipeline.data.sources import DataError, read_section
 
@@ -70,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"data error: {exc}", file=sys.stderr)
         return 2
-    result = run(cfg)
+    except CheckpointError as exc:      # --export-from
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = run(cfg)
+    except CheckpointError as exc:      # every rank raises it alike (checkpoint.resume_tag agrees first)
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 2
     return 0 if result["step"] >= result["total_steps"] or result["interrupted"] else 1
 
 
@@ -144,6 +152,13 @@ def curriculum_stage(cfg: Config, epoch: int, step: int = 0) -> int:
     from pipeline.methods import method_module
 
     return method_module("coconut").stage_at(epoch, step, cfg) if uses_curriculum(cfg) else 0
+
+
+def resets_optimizer_for_epoch(cfg: Config, epoch: int) -> bool:
+    """Whether AdamW's moments are forgotten as `epoch` starts: method.coconut.reset_optimizer=epoch
+    (the reference code). `stage` (the paper) resets where the stage changes, which with
+    method.coconut.steps_per_stage can be mid-epoch: the loop does that one."""
+    return epoch > 0 and uses_curriculum(cfg) and cfg.method.coconut.reset_optimizer == "epoch"
 
 
 def curriculum_warning(cfg: Config) -> str | None:
@@ -306,12 +321,14 @@ def run(cfg: Config, on_end=None) -> dict:
     if rank == 0:
         print0(dump_config(cfg, out / "config.yaml"))
     barrier()
+    # Before any model loads: a damaged or refused checkpoint stops the run here.
+    resume_from = checkpoint.resume_tag(out, cfg.train.resume)
     tokenizer = load_run_tokenizer(cfg, out)
     examples = load_examples(cfg, tokenizer, log=print0)
     module, collate, loaded = build_module(cfg, tokenizer)
     steps_per_epoch, total = schedule(cfg, len(examples), world)
     strategy.prepare(module, total, hidden_size=loaded.hidden_size)
-    state = checkpoint.load(strategy, out) if cfg.train.resume else None
+    state = checkpoint.load(strategy, out, resume_from) if resume_from else None
     resumed = state is not None
     state = state or checkpoint.TrainState()
     print0(f"{len(examples)} examples, world size {world}, {steps_per_epoch} steps/epoch, {total} steps"
@@ -338,13 +355,15 @@ def run(cfg: Config, on_end=None) -> dict:
     interrupted = False
     t_window = time.time()
     while state.step < total and not interrupted:
+        if state.micro_in_epoch == 0 and resets_optimizer_for_epoch(cfg, state.epoch):   # not on a mid-epoch resume
+            strategy.reset_optimizer()
         order = epoch_shard(len(examples), cfg.train.seed, state.epoch, rank, world)
         usable = steps_per_epoch * accum
         for mb in range(state.micro_in_epoch, usable):
             if mb % accum == 0:       # a new optimizer step: the curriculum may move on (Coconut)
                 stage = curriculum_stage(cfg, state.epoch, state.step)
                 if stage != state.stage:
-                    if cfg.method.coconut.reset_optimizer_on_stage_change:
+                    if uses_curriculum(cfg) and cfg.method.coconut.reset_optimizer == "stage":
                         strategy.reset_optimizer()
                     print0(f"epoch {state.epoch}, step {state.step}: curriculum stage {state.stage} -> {stage}")
                     state.stage = stage
@@ -393,7 +412,7 @@ def run(cfg: Config, on_end=None) -> dict:
         signal.signal(signal.SIGTERM, previous)
     if last_saved != state.step:
         checkpoint.save(strategy, out, state, cfg.train.save_total_limit)
-    best = checkpoint.best_tag(out) if cfg.train.eval_steps else None
+    best = checkpoint.agreed_best_tag(out) if cfg.train.eval_steps else None
     if cfg.train.load_best_model_at_end and best is not None and not interrupted:
         print0(f"loading the best checkpoint by validation {cfg.train.metric_for_best_model}: {best} "
                f"({state.best_metric:.4g})")

@@ -131,9 +131,12 @@ def test_param_groups_learning_rates_and_frozen_parts(tmp_path):
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
     from pipeline.checkpoint import _prune, latest_tag
+    from pipeline.checkpoint_files import write_manifest
 
     for step in (2, 4, 6, 8, 10):
         (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "weights.bin").write_bytes(b"w" * step)
+        write_manifest(tmp_path / f"step_{step}")      # only verified checkpoints count as complete
     (tmp_path / "latest").write_text("step_6")
     _prune(tmp_path, keep=2, current="step_6")
     # step_8 / step_10 are leftovers of a killed run beyond `latest`: kept until overwritten.

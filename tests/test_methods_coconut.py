@@ -16,9 +16,12 @@ def test_stage_schedule_and_optimizer_reset():
     cc.epochs_per_stage, cc.max_latent_stage = 2, 3
     assert [coconut.stage_for_epoch(e, cfg) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
     assert coconut.curriculum_epochs(cfg) == 8
+    assert cc.reset_optimizer == "stage"      # the paper's default
     assert [coconut.should_reset_optimizer(e - 1, e, cfg) for e in range(1, 8)] == [
         False, True, False, True, False, True, False]
-    cc.reset_optimizer_on_stage_change = False
+    cc.reset_optimizer = "epoch"              # the reference code
+    assert all(coconut.should_reset_optimizer(e - 1, e, cfg) for e in range(1, 8))
+    cc.reset_optimizer = "never"
     assert not any(coconut.should_reset_optimizer(e - 1, e, cfg) for e in range(1, 8))
     cc.init_from = "some/cot/export"          # the checkpoint is stage 0: start at stage 1
     assert [coconut.stage_for_epoch(e, cfg) for e in range(7)] == [1, 1, 2, 2, 3, 3, 3]

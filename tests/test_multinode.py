@@ -137,27 +137,32 @@ def _load_with_a_stale_view(rank: int, root: str, port: int) -> None:
     from pipeline import checkpoint
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    if rank == 1:     # e.g. NFS attribute caching: `latest` still names the previous checkpoint here
+    checkpoint.files.verify = lambda *_args, **_kw: []       # both checkpoints count as intact
+    if rank == 1:     # e.g. NFS attribute caching: step_2 and `latest` naming it are not visible here yet
+        checkpoint._committed = lambda _root: ["step_1"]
         checkpoint.latest_tag = lambda _root: "step_1"
 
     class Recorder:   # stands in for the engine: records which checkpoint this rank loads
         def load_checkpoint(self, _root, tag):
             Path(root, f"loaded_by_rank{rank}").write_text(tag)
-            return {"train_state": {"step": int(tag.split("_")[1])}}
 
-    state = checkpoint.load(Recorder(), Path(root).parent)
+    tag = checkpoint.resume_tag(Path(root).parent)
+    state = checkpoint.load(Recorder(), Path(root).parent, tag)
     assert state.step == 2
     dist.destroy_process_group()
 
 
 @pytest.mark.timeout(900)     # two spawned processes import torch + DeepSpeed: minutes on a crowded machine
 def test_every_rank_resumes_the_checkpoint_global_rank_0_names(tmp_path):
-    """Ranks on different nodes may read different `latest` files; they must load one tag, rank 0's."""
+    """Ranks on different nodes may list different checkpoints; they must load one tag, rank 0's."""
     import torch.multiprocessing as mp
 
+    from pipeline.checkpoint_files import TRAIN_STATE
+
     root = tmp_path / "checkpoints"
-    for tag in ("step_1", "step_2"):
-        (root / tag).mkdir(parents=True)
+    for step in (1, 2):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / TRAIN_STATE).write_text(json.dumps({"step": step}))
     (root / "latest").write_text("step_2")
     mp.start_processes(_load_with_a_stale_view, args=(str(root), free_port()), nprocs=2, start_method="spawn")
     assert [(root / f"loaded_by_rank{r}").read_text() for r in (0, 1)] == ["step_2", "step_2"]

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config.schema import SMOLLM2_ALIAS, SMOLLM2_GGUF, Config, ConfigError, smollm2_gguf_dir
+from pipeline.config.schema import RENAMED_KEYS, SMOLLM2_ALIAS, SMOLLM2_GGUF, Config, ConfigError, smollm2_gguf_dir
 from pipeline.config.validation import validate
 
 # --------------------------------------------------------------------------- loading
@@ -175,6 +175,10 @@ def _build(cls: type, data: Any, prefix: str, where) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
+    for key in unknown:
+        dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in RENAMED_KEYS:
+            raise ConfigError(f"{dotted}: this key was replaced{where(dotted)}; use {RENAMED_KEYS[dotted]}")
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"{key}: unknown key{where(key)}; allowed keys here: {', '.join(names)}")

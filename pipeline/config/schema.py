@@ -39,6 +39,13 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the field and what would be valid."""
 
 
+# Keys that were replaced: loading rejects them with what to write instead.
+RENAMED_KEYS = {
+    "method.coconut.reset_optimizer_on_stage_change":
+        "method.coconut.reset_optimizer: stage | epoch | never (true was `stage`, false `never`)",
+}
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = False
@@ -82,7 +89,8 @@ class CoconutConfig:
     max_latent_stage: int = 3          # K
     epochs_per_stage: int = 3
     steps_per_stage: int | None = None  # advance a stage every N optimizer steps instead (short runs)
-    reset_optimizer_on_stage_change: bool = True
+    # Forget AdamW's moments at each stage change (the paper), every epoch (the reference code) or never
+    reset_optimizer: Literal["stage", "epoch", "never"] = "stage"
     init_from: str | None = None       # a CoT-SFT export to start from
 
 

@@ -61,9 +61,13 @@ def stage_changed(prev_epoch: int, epoch: int, cfg: Config) -> bool:
 
 
 def should_reset_optimizer(prev_epoch: int, epoch: int, cfg: Config) -> bool:
-    """True when the engine should re-create the optimizer state before `epoch` (the paper resets
-    it at each stage change; the reference code every epoch — here it is a flag)."""
-    return cfg.method.coconut.reset_optimizer_on_stage_change and stage_changed(prev_epoch, epoch, cfg)
+    """True when the engine should forget the optimizer state before `epoch`, by
+    method.coconut.reset_optimizer: at each stage change (`stage`, the paper), at every new epoch
+    (`epoch`, the reference code) or `never`."""
+    mode = cfg.method.coconut.reset_optimizer
+    if mode == "epoch":
+        return epoch != prev_epoch
+    return mode == "stage" and stage_changed(prev_epoch, epoch, cfg)
 
 
 def curriculum_epochs(cfg: Config) -> int:
@@ -152,6 +156,29 @@ def compute_loss(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContex
 
 # --------------------------------------------------------------------------- init from CoT
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _check_safetensors_only(path: Path) -> None:
+    """init_from reads safetensors only (what pipeline.export writes). Where the weights (or the
+    LoRA adapter) exist only as a pickle, refuse it by name before anything unpickles it:
+    transformers would refuse most payloads too, but without naming the file."""
+    from pipeline.checkpoint_files import CheckpointError
+
+    wanted = [("model", ("model.safetensors", "model.safetensors.index.json"))]
+    if (path / "adapter_config.json").is_file():
+        wanted.append(("adapter_model", ("adapter_model.safetensors",)))
+    for stem, safe in wanted:
+        if any((path / name).is_file() for name in safe):
+            continue
+        pickles = sorted(p for p in path.glob(f"*{stem}*") if p.suffix in PICKLE_SUFFIXES
+                         and p.name.startswith("adapter_") == (stem == "adapter_model"))
+        if pickles:
+            raise CheckpointError(f"method.coconut.init_from: {pickles[0]}: refused: a pickle file, which loading "
+                                  f"could run code from; init_from reads {safe[0]} (as pipeline.export writes)")
+        raise CheckpointError(f"method.coconut.init_from: {path} has no {safe[0]}; give a CoT-SFT export directory")
+
+
 @torch.no_grad()
 def load_init_weights(model, path: str | Path) -> None:
     """Copy a CoT-SFT export's weights into `model`'s base weights (LoRA, if any, starts fresh).
@@ -163,7 +190,8 @@ def load_init_weights(model, path: str | Path) -> None:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    source = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    _check_safetensors_only(path)
+    source = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
         source = PeftModel.from_pretrained(source, str(path)).merge_and_unload()

@@ -6,6 +6,7 @@
     distill: at the position whose output predicts the first answer token (found from the
              tokenization, see batching.first_answer_token), every layer's hidden state of the
              student vs the *detached* teacher, SmoothL1 or L2, / teacher std, mean over layers
+             (std over the row's hidden vector by default: method.codi.teacher_std)
     total:   α·CE_student + β·distill + γ·CE_teacher
 
 The teacher runs once, with gradients (its CE trains it); the distillation target is that same
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from pipeline.config import Config
 from pipeline.latent import embed, forward_step, positions_from_mask, rollout_latents
-from pipeline.losses import IGNORE_INDEX, layerwise_distill, reduce_tokens, token_ce
+from pipeline.losses import IGNORE_INDEX, layerwise_distill, reduce_tokens, share, token_ce
 from pipeline.methods import MethodOutput, StepContext
 from pipeline.methods.batching import (
     answer_segment,
@@ -92,9 +93,18 @@ def _gather(hidden_states: tuple[Tensor, ...], pos: Tensor) -> list[Tensor]:
     return [h[rows, pos] for h in hidden_states]
 
 
+def loss_counts(batch: dict, cfg: Config) -> dict[str, int]:
+    """Normalisers of the parts' shares of the global batch: the teacher's and the student's CE
+    target tokens, and the rows (distillation is one value per row)."""
+    return {"ce_teacher": int((batch["teacher_suffix_labels"] != IGNORE_INDEX).sum()),
+            "ce_student": int((batch["student_suffix_labels"] != IGNORE_INDEX).sum()),
+            "distill": int(batch["teacher_pos"].shape[0])}
+
+
 def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> MethodOutput:
     cc = cfg.method.codi
     lm = parts["lm"]
+    counts = ctx.counts_for(batch, cfg, loss_counts)
     b = to_device(batch, model_device(lm))
 
     # Teacher: one forward over [prompt ; CoT + answer], with gradients.
@@ -114,17 +124,17 @@ def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> Met
     s_loss, s_mask = token_ce(suffix_logits(outs[-1].logits[:, -1:], student.logits), b["student_suffix_labels"])
     student_h = _gather(student.hidden_states, b["student_pos"])
 
-    ce_teacher, ce_student = reduce_tokens(t_loss, t_mask), reduce_tokens(s_loss, s_mask)
-    distill = layerwise_distill(student_h, teacher_h, kind=cc.distill_loss,
-                                normalize_by_teacher_std=cc.normalize_by_teacher_std)
+    distill_rows = layerwise_distill(student_h, teacher_h, kind=cc.distill_loss, reduction="none",
+                                     normalize_by_teacher_std=cc.normalize_by_teacher_std,
+                                     std_over=cc.teacher_std)                          # [B]
+    ce_teacher, ce_student = share(t_loss, counts["ce_teacher"]), share(s_loss, counts["ce_student"])
+    distill = share(distill_rows, counts["distill"])
     loss = cc.alpha * ce_student + cc.beta * distill + cc.gamma * ce_teacher
     with torch.no_grad():
         per_row = {"ce_student": reduce_tokens(s_loss, s_mask, "none"),
                    "ce_teacher": reduce_tokens(t_loss, t_mask, "none"),
-                   "distill": layerwise_distill(student_h, teacher_h, kind=cc.distill_loss,
-                                                normalize_by_teacher_std=cc.normalize_by_teacher_std,
-                                                reduction="none"),
-                   # without the batch std: a value of the row alone (batch-invariance checks)
+                   "distill": distill_rows.detach(),
+                   # without any std: a value of the row alone, whatever teacher_std says
                    "distill_raw": layerwise_distill(student_h, teacher_h, kind=cc.distill_loss,
                                                     normalize_by_teacher_std=False, reduction="none")}
     logs = {"ce_student": ce_student.detach(), "distill": distill.detach(), "ce_teacher": ce_teacher.detach()}

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from pipeline.config import Config, ModelConfig
 from pipeline.latent import forward_step, model_device, positions_from_mask
-from pipeline.losses import IGNORE_INDEX, causal_lm_ce, masked_mean
+from pipeline.losses import IGNORE_INDEX, causal_lm_ce, share
 from pipeline.methods.batching import encode
 from pipeline.models import load_base_model, load_tokenizer, lora_targets, unwrap_base
 
@@ -229,8 +229,11 @@ def _decoder(parts: nn.ModuleDict, cfg: Config):
     return model, ctx, lambda z: z.to(dtype)
 
 
-def explain_loss(parts: nn.ModuleDict, cfg: Config, latents: Tensor | None, batch: dict) -> tuple[Tensor, Tensor]:
-    """The "explain" CE: mean over (row, latent) pairs that have a target. Returns (loss, per-row [B]).
+def explain_loss(parts: nn.ModuleDict, cfg: Config, latents: Tensor | None, batch: dict,
+                 count: float | None = None) -> tuple[Tensor, Tensor]:
+    """The "explain" CE: Σ over (row, latent) pairs that have a target of the pair's token-mean CE,
+    / `count` (the pairs with a target in the whole global batch; None = this batch's own, i.e.
+    the mean over its pairs). Returns (loss, per-row [B]).
 
     latents: [B, n, d] latent inputs of the base method (gradient flows back through them), n ≥ the
     batch's target columns (Coconut may pad latent columns across ranks; those have no target).
@@ -263,7 +266,8 @@ def explain_loss(parts: nn.ModuleDict, cfg: Config, latents: Tensor | None, batc
                        use_cache=False).logits                                        # [N, 1 + L, V]
     labels = torch.cat([ids.new_full((ids.shape[0], 1), IGNORE_INDEX), ids.masked_fill(mask == 0, IGNORE_INDEX)], 1)
     ce = causal_lm_ce(logits, labels, reduction="none")                              # [N], token mean
-    loss = masked_mean(ce, weight)                              # exactly 0, still in the graph, if no target
+    count = float(weight.sum()) if count is None else count
+    loss = share(ce * weight, count)                            # exactly 0, still in the graph, if no target
     if n == 0:
         return loss, loss.new_zeros(bsz)
     w = weight.view(bsz, n).to(ce.dtype)

@@ -72,7 +72,8 @@ def loss_counts(batch: dict, cfg: Config) -> dict[str, int]:
 def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> MethodOutput:
     counts = ctx.counts_for(batch, cfg, loss_counts)
     out = base_method(cfg).run(parts, batch, cfg, ctx)
-    explain, per_row = step_decoder.explain_loss(parts, cfg, out.latents, batch, count=counts["step_decoder"])
+    explain, per_row = step_decoder.explain_loss(parts, cfg, out.latents, batch, count=counts["step_decoder"],
+                                                 agree_max=ctx.agree_max)
     weight = cfg.method.simcot.explain_weight
     return MethodOutput(loss=out.loss + weight * explain,
                         logs={**out.logs, "step_decoder": explain.detach()},

@@ -129,10 +129,11 @@ def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> Met
     if n_cols > active.shape[1]:      # another rank has more latents: run masked columns too
         active = torch.cat([active, active.new_zeros(active.shape[0], n_cols - active.shape[1])], dim=1)
 
-    prev, state = forward_step(lm, embed(lm, b["prompt_ids"]), b["prompt_mask"], None)
+    # Only the last column's logits are read (they predict the first suffix token): skip the rest.
+    prev, state = forward_step(lm, embed(lm, b["prompt_ids"]), b["prompt_mask"], None, logits_to_keep=1)
     latents = None
     if n_cols:
-        latents, state, outs = rollout_latents(lm, state, n_cols, active=active)   # [B, n, d]
+        latents, state, outs = rollout_latents(lm, state, n_cols, active=active, logits_to_keep=1)  # [B, n, d]
         prev = outs[-1]
     out, _ = forward_step(lm, embed(lm, b["suffix_ids"]), b["suffix_mask"], state)
     logits = suffix_logits(prev.logits[:, -1:], out.logits)                     # [B, Ts, V]

@@ -117,13 +117,16 @@ shapes = {"B": args.batch, "n": args.latents,
 
 
 def ours_target(parts) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run codi.run; capture the target it distils towards (its first lm call = the teacher)."""
+    """Run codi.run; capture the target it distils towards: the teacher is its first lm call (two
+    passes), or its second (question once: CoT + answer on a branch of the question's cache)."""
     calls = []
     handle = lm.register_forward_hook(lambda mod, inp, out: calls.append(out))
     try:
         out = codi.run(parts, batch, cfg, ctx)
     finally:
         handle.remove()
+    if cfg.method.codi.shared_question_pass:
+        return out.loss, [h.detach() for h in _at(calls[1].hidden_states, batch["teacher_pos"])]
     return out.loss, [h.detach() for h in _at(calls[0].hidden_states, target_pos)]
 
 

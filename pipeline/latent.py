@@ -13,6 +13,7 @@ mechanics that decide correctness live in one place:
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -207,6 +208,30 @@ def _output_cache(out):
     """The returned cache under either name (`cache` in new transformers, `past_key_values` before)."""
     cache = out.get("cache") if hasattr(out, "get") else getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def branch(state: RolloutState, hide_last: int = 0) -> RolloutState:
+    """A second continuation of the prefix held in `state`, with the last `hide_last` columns
+    masked out (and position ids rewound past them): a forward on the branch grows its own cache,
+    never `state`'s. Both share the prefix's key/value tensors (DynamicLayer.update concatenates
+    into new tensors, never in place), so gradients from both continuations reach the prefix.
+
+    CODI encodes question + <bot> once; the student continues from `state`, the teacher from
+    `branch(state, hide_last=1)`: the question alone, as if <bot> had never been fed. The branch's
+    `last_hidden` is `state`'s (a branch is continued with tokens, which set their own).
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    cache = copy.copy(state.past_key_values)
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(isinstance(layer, DynamicLayer) for layer in layers):
+        raise TypeError(f"cannot branch a {type(cache).__name__}: only caches of DynamicLayers grow out of place")
+    cache.layers = [copy.copy(layer) for layer in layers]
+    mask = state.attention_mask
+    hidden = mask[:, mask.shape[1] - hide_last:]
+    return RolloutState(past_key_values=cache,
+                        attention_mask=torch.cat([mask[:, :mask.shape[1] - hide_last], torch.zeros_like(hidden)], 1),
+                        next_position=state.next_position - hidden.sum(-1), last_hidden=state.last_hidden)
 
 
 def rollout_latents(model, state: RolloutState, num_latents: int, *,

@@ -4,8 +4,8 @@
     ds_config = build_ds_config(cfg, world_size)
     strategy = Strategy(cfg)
     strategy.prepare(method_module, total_steps)       # AdamW + schedule + one deepspeed.initialize
-    loss, parts = strategy.forward(batch, StepContext(agree_max=agree_max, ...))
-    strategy.backward(loss); strategy.step()
+    loss, parts = strategy.forward(batch, StepContext(agree_max=agree_max, counts=..., ...))
+    strategy.backward_share(loss); strategy.step()
 
 Training always goes through DeepSpeed: `deepspeed.enabled: false` means the ZeRO-0 template on
 however many ranks were launched (world size 1 without a launcher), so there is one loop, one
@@ -123,7 +123,8 @@ def all_reduce_mean(values: list[float]) -> list[float]:
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum of each value over ranks (validation counts). Every rank passes a list of the same length."""
+    """Sum of each value over ranks (float64: integer counts stay exact). Every rank passes a list
+    of the same length."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=_device())
@@ -322,6 +323,13 @@ class Strategy:
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
+
+    def backward_share(self, loss: torch.Tensor) -> None:
+        """Backward of this micro batch's *share* of the global-batch loss (the shares of all micro
+        batches and ranks add up to it, see pipeline.losses.share). DeepSpeed would divide the loss
+        by the accumulation steps and averages gradients over ranks; undo both, so the gradient is
+        exactly that of the global loss."""
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
     def step(self) -> bool:
         """Optimizer step at accumulation boundaries (DeepSpeed counts micro steps); True if it stepped."""

@@ -181,6 +181,24 @@ def count_tokens(batch: dict) -> int:
                    if k.endswith("_mask") and isinstance(v, torch.Tensor) and v.dim() == 2))
 
 
+def step_counts(cfg: Config, batches: list[dict]) -> dict[str, float] | None:
+    """Targets of each loss part over one optimizer step: the method's `loss_counts` summed over
+    the step's micro batches, then over all ranks (one all-reduce, on every rank, every step).
+
+    Each micro batch's loss is then its sum over targets / these global counts, so a token weighs
+    the same whatever micro batch or rank it lands in (as transformers' `num_items_in_batch`).
+    None for a method without `loss_counts` (its loss stays a mean per micro batch)."""
+    from pipeline.methods import method_module
+    from pipeline.strategy import all_reduce_sum
+
+    loss_counts = getattr(method_module(cfg.method.name), "loss_counts", None)
+    if loss_counts is None:
+        return None
+    local = [loss_counts(batch, cfg) for batch in batches]
+    names = sorted(local[0])
+    return dict(zip(names, all_reduce_sum([sum(c[name] for c in local) for name in names])))
+
+
 def schedule(cfg: Config, n_examples: int, world: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total steps). Incomplete micro batches and accumulation groups
     at an epoch's end are dropped, so every rank and every world size steps on full global batches."""
@@ -350,7 +368,8 @@ def run(cfg: Config, on_end=None) -> dict:
         print0(f"validation every {cfg.train.eval_steps} steps on {len(valid.instances)} data.eval examples "
                f"(best by {cfg.train.metric_for_best_model})")
     last_saved = state.step if resumed else -1
-    window: list[list[float]] = []                # per micro step: [loss, *parts, tokens]
+    window: list[list[float]] = []                # per micro step: [loss share, *part shares, tokens]
+    pending: list[dict] = []                      # this optimizer step's micro batches not yet run
     part_names: list[str] | None = None
     interrupted = False
     t_window = time.time()
@@ -360,17 +379,22 @@ def run(cfg: Config, on_end=None) -> dict:
         order = epoch_shard(len(examples), cfg.train.seed, state.epoch, rank, world)
         usable = steps_per_epoch * accum
         for mb in range(state.micro_in_epoch, usable):
-            if mb % accum == 0:       # a new optimizer step: the curriculum may move on (Coconut)
-                stage = curriculum_stage(cfg, state.epoch, state.step)
+            if not pending:    # an optimizer step starts: the curriculum may move on (Coconut), then
+                stage = curriculum_stage(cfg, state.epoch, state.step)   # collate its micro batches, count targets
                 if stage != state.stage:
                     if uses_curriculum(cfg) and cfg.method.coconut.reset_optimizer == "stage":
                         strategy.reset_optimizer()
                     print0(f"epoch {state.epoch}, step {state.step}: curriculum stage {state.stage} -> {stage}")
                     state.stage = stage
-            batch = collate([examples[i] for i in order[mb * micro:(mb + 1) * micro]], stage)
-            ctx = StepContext(agree_max=agree_max, stage=stage, step=state.step)
+                pending = [collate([examples[i] for i in order[k * micro:(k + 1) * micro]], stage)
+                           for k in range(mb, min(mb + accum, usable))]
+                counts = step_counts(cfg, pending)
+            batch = pending.pop(0)
+            ctx = StepContext(agree_max=agree_max, stage=stage, step=state.step, counts=counts)
             loss, parts = strategy.forward(batch, ctx)
-            strategy.backward(loss)
+            if counts is None:     # a micro-batch mean: its share is 1/(accum·world) of the step's loss
+                loss, parts = loss / (accum * world), {k: v / (accum * world) for k, v in parts.items()}
+            strategy.backward_share(loss)
             lrs = strategy.learning_rates()        # the rates this step uses (the schedule moves in step())
             stepped = strategy.step()
             part_names = part_names or sorted(parts)
@@ -381,13 +405,15 @@ def run(cfg: Config, on_end=None) -> dict:
             state.step += 1
             state.samples += micro * accum * world
             if state.step % cfg.train.logging_steps == 0 or state.step == total:
-                # Collective on every rank; only rank 0 writes.
-                means = all_reduce_mean(np.mean(window, axis=0).tolist() + [sum(w[-1] for w in window)])
+                # Collective on every rank; only rank 0 writes. Shares summed over a step's micro
+                # batches and all ranks are the step's per-target means; averaged over the window's steps.
                 elapsed = max(time.time() - t_window, 1e-9)
                 steps_in_window = len(window) / accum
-                log.write(state, loss=means[0], parts=dict(zip(part_names, means[1:-2])),
+                sums = np.sum(window, axis=0)
+                means = [v * world for v in all_reduce_mean((sums / steps_in_window).tolist())]
+                log.write(state, loss=means[0], parts=dict(zip(part_names, means[1:-1])),
                           lrs=lrs, grad_norm=strategy.grad_norm(),
-                          tokens_per_s=means[-1] * world / elapsed,
+                          tokens_per_s=means[-1] * steps_in_window / elapsed,
                           samples_per_s=steps_in_window * micro * accum * world / elapsed)
                 window, t_window = [], time.time()
             log.tick(state.step)

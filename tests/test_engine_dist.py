@@ -24,9 +24,10 @@ from launch_env import child_env  # noqa: E402
 from train_variants import LORA, PROBE_IDS, TINY_OVERRIDES, method_variants  # noqa: E402
 
 SCRIPT = ROOT / "tests" / "dist" / "train_variants.py"
-# Token-mean losses of two micro batches of 4 are not exactly the token mean of one batch of 8
-# (rows have different lengths), so 2 ranks x 4 vs 1 x 8 agree to ~1e-3, not to float precision.
-REF_RTOL = 3e-3
+# Every loss part is normalised by its count over the global batch (issue 10.3), so 2 ranks x 4 and
+# 1 x 8 train identically. SoftCoT still takes a token mean per micro batch: ~1e-3 apart.
+REF_RTOL = 1e-5
+MICRO_MEAN_RTOL = {"softcot": 3e-3}
 
 
 def launch(spec: dict, tmp: Path, nproc: int = 2, timeout: int = 240, wait: bool = True, script: Path = SCRIPT):
@@ -109,7 +110,7 @@ def test_every_method_matches_single_process(stage, tmp, zero3_template, referen
     for name, ref_losses in reference.items():
         r = result(out, name)
         assert r["step"] == 3 and r["zero_stage"] == stage and r["world_size"] == 2
-        assert r["losses"] == pytest.approx(ref_losses, rel=REF_RTOL), name
+        assert r["losses"] == pytest.approx(ref_losses, rel=MICRO_MEAN_RTOL.get(name, REF_RTOL)), name
     # Coconut walked its curriculum (one epoch per stage) on both ranks.
     assert result(out, "coconut")["stage"] == 2
 

@@ -76,32 +76,43 @@ def test_full_finetune_trains_every_weight(build, gsm_examples):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["question-once", "two-pass"])
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
-def test_codi_distillation_target_is_detached_and_teacher_runs_once(build, gsm_examples, arch):
-    built = build(make_cfg("codi", arch))
+def test_codi_distillation_target_is_detached_and_teacher_runs_once(build, gsm_examples, arch, shared):
+    cfg = make_cfg("codi", arch)
+    cfg.method.codi.shared_question_pass = shared
+    built = build(cfg)
     lm = built.parts["lm"]
-    teacher_hidden, calls = [], []
+    batch = built.collate(gsm_examples[:3], 0)
+    # The teacher's forward: [question ; CoT + answer] alone (two-pass), or CoT + answer on a branch
+    # of the question's cache, right after the one question pass (question once).
+    teacher_width = batch["teacher_suffix_ids"].shape[1] + (0 if shared else batch["teacher_prompt_ids"].shape[1])
+    teacher_call = 1 if shared else 0
+    widths, teacher_hidden = [], []
 
     def hook(module, args, kwargs, output):
-        calls.append(kwargs.get("use_cache"))
-        if kwargs.get("use_cache") is False:          # the teacher pass (the rollout uses the cache)
+        inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+        widths.append(inputs.shape[1])
+        if len(widths) - 1 == teacher_call:
             for h in output.hidden_states:
                 h.retain_grad()
                 teacher_hidden.append(h)
 
     handle = lm.register_forward_hook(hook, with_kwargs=True)
-    batch = built.collate(gsm_examples[:3], 0)
     try:
         # Distillation alone: no gradient may reach the teacher's hidden states.
         built.cfg.method.codi.alpha, built.cfg.method.codi.gamma = 0.0, 0.0
         loss, logs = built.module.compute_loss(built.parts, batch, built.cfg, StepContext())
         loss.backward()
         assert logs["distill"] > 0
-        assert calls.count(False) == 1                                     # the teacher ran once
-        assert len(calls) == built.cfg.method.num_latents + 3              # prompt, latents, answer, teacher
+        assert widths[teacher_call] == teacher_width and widths.count(teacher_width) == 1   # the teacher ran once
+        assert len(widths) == built.cfg.method.num_latents + 3     # question/prompt, teacher, latents, answer
+        if shared:     # the question is encoded once: no forward re-reads it
+            assert widths.count(batch["student_prompt_ids"].shape[1]) == 1
         assert all(h.grad is None or h.grad.abs().sum() == 0 for h in teacher_hidden)
         # Sanity of the probe: with the teacher CE on, the same hidden states do get gradients.
         teacher_hidden.clear()
+        widths.clear()
         built.cfg.method.codi.gamma = 1.0
         loss, _ = built.module.compute_loss(built.parts, batch, built.cfg, StepContext())
         loss.backward()

@@ -14,7 +14,7 @@ from conftest import make_cfg
 
 from pipeline.data import Example
 from pipeline.interpret import explain_latents
-from pipeline.methods import StepContext, simcot
+from pipeline.methods import StepContext, simcot, step_decoder
 from pipeline.methods.step_decoder import ADAPTER_NAME, align_steps, encode_targets
 
 
@@ -79,22 +79,25 @@ def test_latent_k_is_paired_with_step_k_in_the_decoder_input(build, gsm_examples
     finally:
         handle.remove()
     bsz, n, _ = out.latents.shape
-    embeds = seen["inputs_embeds"]                                   # [B·n, 1 + L, d]
-    assert embeds.shape[0] == bsz * n
+    embeds = seen["inputs_embeds"]                                   # [M, 1 + L, d]: pairs with a target
+    pairs = [(i, k) for i in range(bsz) for k in range(batch["step_has_target"].shape[1])
+             if batch["step_has_target"][i, k]]
+    assert 0 < len(pairs) < bsz * n and embeds.shape[0] == len(pairs)
+    width = embeds.shape[1] - 1
     table = built.parts["decoder"].get_input_embeddings()
-    for i in range(bsz):
-        for k in range(n):
-            r = i * n + k
-            torch.testing.assert_close(embeds[r, 0], out.latents[i, k])          # latent k of row i ...
-            mask = batch["step_mask"][i, k].bool()
-            torch.testing.assert_close(embeds[r, 1:][mask], table(batch["step_ids"][i, k][mask]))  # ... step k
-            assert seen["attention_mask"][r, 1:].tolist() == batch["step_mask"][i, k].tolist()
+    for r, (i, k) in enumerate(pairs):
+        torch.testing.assert_close(embeds[r, 0], out.latents[i, k])              # latent k of row i ...
+        mask = batch["step_mask"][i, k].bool()
+        assert not batch["step_mask"][i, k, width:].any()                       # packed width cuts no token
+        torch.testing.assert_close(embeds[r, 1:][mask[:width]], table(batch["step_ids"][i, k][mask]))  # ... step k
+        assert seen["attention_mask"][r, 1:].tolist() == batch["step_mask"][i, k, :width].tolist()
 
 
 @pytest.mark.parametrize("base,stage", [("codi", 0), ("coconut", 2), ("coconut", 0)])
 def test_decoder_runs_once_even_without_targets(build, gsm_examples, base, stage):
-    """Bugs 2 and 3: one decoder forward per training step, [B·n, 1+L], also when no row has a step
-    target (then its loss is exactly 0 and the decoder still gets (zero) gradients)."""
+    """Bugs 2 and 3: one decoder forward per training step, [M, 1+L] over the M (row, latent) pairs
+    with a target, also when no row has a step target (then one padding row: its loss is exactly 0
+    and the decoder still gets (zero) gradients)."""
     built = build(make_cfg("simcot", simcot__decoder="full", simcot__base=base))
     shapes = []
     handle = built.parts["decoder"].register_forward_pre_hook(
@@ -107,10 +110,11 @@ def test_decoder_runs_once_even_without_targets(build, gsm_examples, base, stage
             loss, logs = simcot.compute_loss(built.parts, batch, built.cfg, StepContext(stage=stage))
             loss.backward()
             assert len(shapes) == 1
-            n = batch["latent_active"].shape[1] if base == "coconut" else built.cfg.method.num_latents
-            width = 1 + batch["step_ids"].shape[2]
-            assert shapes[0] == ((len(examples) * n, width) if n else (1, 2))
             has_targets = bool(batch["step_has_target"].any())
+            if has_targets:       # the pairs with a target, as wide as the longest of them
+                assert shapes[0] == (int(batch["step_has_target"].sum()), 1 + int(batch["step_mask"].sum(-1).max()))
+            else:
+                assert shapes[0] == (1, 2)
             assert (logs["step_decoder"] > 0) == has_targets
             grads = [p.grad for p in built.parts["decoder"].parameters()]
             assert all(g is not None for g in grads)           # in the graph on every rank
@@ -212,3 +216,32 @@ def test_main_decoder_adds_no_parameter_and_is_the_main_model(build, gsm_example
             labels = torch.cat([torch.tensor([IGNORE_INDEX]), ids[b, k, :n]])[None]
             per.append(causal_lm_ce(lm(inputs_embeds=x).logits, labels))
     torch.testing.assert_close(loss, torch.stack(per).mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,base,stage", [("full", "codi", 0), ("shared", "codi", 0), ("separate", "codi", 0),
+                                             ("full", "coconut", 3), ("shared", "coconut", 2)])
+def test_packed_decoder_equals_all_pairs(build, gsm_examples, kind, base, stage):
+    """Issue 12.2: the decoder reads only the pairs with a target (padded to the count agreed across
+    ranks) — same explain loss, per-row values and gradients as running all B·n pairs, also when
+    another rank has more pairs (agree_max above the local count adds zero-weight rows)."""
+    built = build(make_cfg("simcot", simcot__decoder=kind, simcot__decoder_model="tiny-llama", simcot__base=base))
+    batch = built.collate(gsm_examples, stage)
+    assert 0 < batch["step_has_target"].sum() < batch["step_has_target"].numel()
+    latents = torch.randn(len(gsm_examples), batch["step_has_target"].shape[1], 32,
+                          generator=torch.Generator().manual_seed(0))
+    results = []
+    for packed, agree_max in ((False, int), (True, int), (True, lambda m: m + 5)):
+        built.parts.zero_grad(set_to_none=True)
+        z = latents.clone().requires_grad_(True)
+        loss, per_row = step_decoder.explain_loss(built.parts, built.cfg, z, batch, agree_max=agree_max, packed=packed)
+        loss.backward()
+        grads = [p.grad.clone() for p in built.parts.parameters() if p.grad is not None]
+        results.append((loss.detach(), per_row, z.grad, grads))
+    reference = results[0]
+    for loss, per_row, latent_grad, grads in results[1:]:
+        torch.testing.assert_close(loss, reference[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(per_row, reference[1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(latent_grad, reference[2], rtol=1e-5, atol=1e-8)
+        assert len(grads) == len(reference[3]) > 0
+        for got, want in zip(grads, reference[3]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.latent import ANSWER_PREFIX, answer_text, cot_text, question_prompt
-from pipeline.losses import IGNORE_INDEX, causal_lm_ce, layerwise_distill, masked_mean
+from pipeline.losses import IGNORE_INDEX, causal_lm_ce, layerwise_distill, share, token_ce
 from pipeline.methods.batching import answer_segment, first_answer_token, pad_batch
 
 
@@ -100,9 +100,39 @@ def test_layerwise_distill_detaches_teacher_and_normalises():
         layerwise_distill(student, teacher[:1])
 
 
-def test_masked_mean_zero_weights_stay_in_graph():
-    values = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
-    assert masked_mean(values, torch.tensor([1, 0, 1])).item() == pytest.approx(2.5)
-    zero = masked_mean(values, torch.zeros(3))
+def test_layerwise_distill_row_std_is_each_rows_own():
+    """teacher_std="row": each row divided by its own teacher vector's std, so a row's value does
+    not depend on the batch (the paper's "batch" std does)."""
+    torch.manual_seed(0)
+    student = [torch.randn(3, 8) for _ in range(2)]
+    teacher = [torch.randn(3, 8) * (1 + i) for i in range(2)]
+    rows = layerwise_distill(student, teacher, kind="l2", std_over="row", reduction="none")
+    expected = sum((s - t).pow(2).mean(-1) / t.std(-1) for s, t in zip(student, teacher)) / 2
+    torch.testing.assert_close(rows, expected)
+    alone = layerwise_distill([s[1:2] for s in student], [t[1:2] for t in teacher], kind="l2", std_over="row",
+                              reduction="none")
+    torch.testing.assert_close(alone[0], rows[1])
+    paper = layerwise_distill([s[1:2] for s in student], [t[1:2] for t in teacher], kind="l2", reduction="none")
+    assert not torch.allclose(paper[0], layerwise_distill(student, teacher, kind="l2", reduction="none")[1])
+    with pytest.raises(ValueError, match="teacher_std"):
+        layerwise_distill(student, teacher, std_over="layer")
+
+
+def test_share_of_a_global_count_adds_up_to_the_global_mean():
+    """Two micro batches' shares, each a sum over its tokens / the tokens of both, add up to the token
+    mean of the whole batch; the mean of the micro batches' own means does not (rows differ in length)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, 9)
+    labels = torch.randint(0, 9, (4, 6))
+    labels[:2, 2:] = IGNORE_INDEX                       # two short rows, two long ones
+    loss, mask = token_ce(logits, labels)
+    whole = loss.sum() / mask.sum()
+    total = mask.sum().item()
+    torch.testing.assert_close(share(loss[:2], total) + share(loss[2:], total), whole)
+    halves = (loss[:2].sum() / mask[:2].sum() + loss[2:].sum() / mask[2:].sum()) / 2
+    assert abs(halves - whole) > 1e-3
+    # No target anywhere: exactly 0, still differentiable (every rank keeps the same graph).
+    empty = torch.randn(3, requires_grad=True)
+    zero = share(empty * 0, 0)
     zero.backward()
-    assert zero.item() == 0 and values.grad is not None
+    assert zero.item() == 0 and empty.grad is not None

@@ -101,6 +101,13 @@ class CodiConfig:
     gamma: float = 1.0                 # teacher CE
     distill_loss: Literal["smooth_l1", "l2"] = "smooth_l1"
     normalize_by_teacher_std: bool = True
+    # The std that divides the distillation: "row" = each row's teacher vector over hidden (exact under
+    # accumulation and data parallelism); "batch" = over the micro batch's rows x hidden (the paper's,
+    # so it depends on how the global batch is split into micro batches and ranks).
+    teacher_std: Literal["row", "batch"] = "row"
+    # Encode the question once and branch teacher and student from its KV cache (issue 12.1); false =
+    # the teacher re-encodes it in its own forward (the reference structure, kept to test against).
+    shared_question_pass: bool = True
     projection: bool = True
     projection_inner_size: int | None = None   # None = hidden size
     include_last_step: bool = False

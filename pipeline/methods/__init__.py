@@ -9,6 +9,11 @@ with no inheritance between methods:
         examples + curriculum stage -> a batch dict of tensors (and plain python metadata)
     compute_loss(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext)
         -> tuple[Tensor, dict[str, Tensor]]   total loss and its named parts (detached for logging)
+    loss_counts(batch: dict, cfg: Config) -> dict[str, int]          (optional)
+        how many targets each loss part of `batch` has (tokens, rows, latents): the engine sums
+        them over an optimizer step's micro batches and all ranks and passes the totals back in
+        `StepContext.counts`; the loss is then this micro batch's share of the global mean.
+        A method without it returns a mean over its micro batch.
 
 The engine wraps `parts` in `MethodModule` so a single `deepspeed.initialize` covers the main model,
 the projection and the step decoder together, and calls `engine(batch, ctx)`.
@@ -43,6 +48,13 @@ class StepContext:
     agree_max: Callable[[int], int] = field(default=_single_process_max)
     stage: int = 0          # Coconut curriculum stage
     step: int = 0           # optimizer step, for logging
+    # Targets of each loss part over the whole global batch (all micro batches of the optimizer
+    # step, all ranks); None = this batch is the whole global batch (tests, benchmarks).
+    counts: dict[str, float] | None = None
+
+    def counts_for(self, batch: dict, cfg: Config, loss_counts: Callable[[dict, Config], dict]) -> dict:
+        """The normalisers of the loss parts: the global counts, or this batch's own."""
+        return self.counts if self.counts is not None else loss_counts(batch, cfg)
 
 
 @dataclass
@@ -54,7 +66,9 @@ class MethodOutput:
     the rollout instead of running it twice.
     """
     loss: Tensor                                   # scalar that backward() gets
-    logs: dict[str, Tensor]                        # named parts, detached, for logging
+    # named parts, detached: this micro batch's shares (summed over micro batches and ranks they
+    # give each part's per-target mean over the global batch; a plain mean without ctx.counts)
+    logs: dict[str, Tensor]
     per_row: dict[str, Tensor] = field(default_factory=dict)   # name -> [B]
     latents: Tensor | None = None                  # [B, n, d] latent inputs fed back (after projection)
     latent_active: Tensor | None = None            # [B, n] 1 where the row really uses latent column k

@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.latent import cot_text, embed, forward_step, rollout_latents
-from pipeline.losses import IGNORE_INDEX, reduce_tokens, token_ce
+from pipeline.losses import IGNORE_INDEX, reduce_tokens, share, token_ce
 from pipeline.methods import MethodOutput, StepContext
 from pipeline.methods.batching import encode, encode_prompt, model_device, pad_batch, suffix_logits, to_device
 from pipeline.models import unwrap_base
@@ -127,23 +127,31 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
 
 # --------------------------------------------------------------------------- loss
 
+def loss_counts(batch: dict, cfg: Config) -> dict[str, int]:
+    """The CE's target tokens: the remaining steps, the answer and EOS (the normaliser of its share
+    of the global batch)."""
+    return {"ce": int((batch["suffix_labels"] != IGNORE_INDEX).sum())}
+
+
 def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> MethodOutput:
     lm = parts["lm"]
+    counts = ctx.counts_for(batch, cfg, loss_counts)
     b = to_device(batch, model_device(lm))
     active = b["latent_active"]                                                 # [B, n_local]
     n_cols = ctx.agree_max(int(active.shape[1]))
     if n_cols > active.shape[1]:      # another rank has more latents: run masked columns too
         active = torch.cat([active, active.new_zeros(active.shape[0], n_cols - active.shape[1])], dim=1)
 
-    prev, state = forward_step(lm, embed(lm, b["prompt_ids"]), b["prompt_mask"], None)
+    # Only the last column's logits are read (they predict the first suffix token): skip the rest.
+    prev, state = forward_step(lm, embed(lm, b["prompt_ids"]), b["prompt_mask"], None, logits_to_keep=1)
     latents = None
     if n_cols:
-        latents, state, outs = rollout_latents(lm, state, n_cols, active=active)   # [B, n, d]
+        latents, state, outs = rollout_latents(lm, state, n_cols, active=active, logits_to_keep=1)  # [B, n, d]
         prev = outs[-1]
     out, _ = forward_step(lm, embed(lm, b["suffix_ids"]), b["suffix_mask"], state)
     logits = suffix_logits(prev.logits[:, -1:], out.logits)                     # [B, Ts, V]
     tok_loss, tok_mask = token_ce(logits, b["suffix_labels"])
-    ce = reduce_tokens(tok_loss, tok_mask)
+    ce = share(tok_loss, counts["ce"])
     return MethodOutput(loss=ce, logs={"ce": ce.detach()},
                         per_row={"ce": reduce_tokens(tok_loss, tok_mask, "none").detach()},
                         latents=latents, latent_active=active)

@@ -6,10 +6,13 @@
     distill: at the position whose output predicts the first answer token (found from the
              tokenization, see batching.first_answer_token), every layer's hidden state of the
              student vs the *detached* teacher, SmoothL1 or L2, / teacher std, mean over layers
+             (std over the row's hidden vector by default: method.codi.teacher_std)
     total:   α·CE_student + β·distill + γ·CE_teacher
 
 The teacher runs once, with gradients (its CE trains it); the distillation target is that same
-forward's hidden states, detached — not a second no_grad run with other dropout masks.
+forward's hidden states, detached — not a second no_grad run with other dropout masks. The question
+is encoded once for both (method.codi.shared_question_pass): teacher and student branch from its
+KV cache (see `_question_once`; the two-pass structure stays as the reference, `_teacher_alone`).
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import Config
-from pipeline.latent import embed, forward_step, positions_from_mask, rollout_latents
-from pipeline.losses import IGNORE_INDEX, layerwise_distill, reduce_tokens, token_ce
+from pipeline.latent import branch, embed, forward_step, positions_from_mask, rollout_latents
+from pipeline.losses import IGNORE_INDEX, layerwise_distill, reduce_tokens, share, token_ce
 from pipeline.methods import MethodOutput, StepContext
 from pipeline.methods.batching import (
     answer_segment,
@@ -111,39 +114,76 @@ def _gather(hidden_states: tuple[Tensor, ...], pos: Tensor) -> list[Tensor]:
     return [h[rows, pos] for h in hidden_states]
 
 
+def loss_counts(batch: dict, cfg: Config) -> dict[str, int]:
+    """Normalisers of the parts' shares of the global batch: the teacher's and the student's CE
+    target tokens, and the rows (distillation is one value per row)."""
+    return {"ce_teacher": int((batch["teacher_suffix_labels"] != IGNORE_INDEX).sum()),
+            "ce_student": int((batch["student_suffix_labels"] != IGNORE_INDEX).sum()),
+            "distill": int(batch["teacher_pos"].shape[0])}
+
+
+def _question_once(lm, b: dict):
+    """One forward over question + <bot> (the student's prompt, left-padded so <bot> is the last
+    column of every row); the teacher continues from a branch of its cache with <bot> hidden, so
+    it sees exactly [question ; CoT + answer] at the same positions as in a forward of its own.
+
+    Returns (teacher logits aligned with its suffix labels [B, Ts, V], the teacher's hidden states
+    per layer over its suffix [B, Ts, d], the student's state after <bot>). Gradients of both
+    branches flow into the one question encoding. With LoRA dropout on, both branches see the
+    question under one dropout mask (two passes drew two): the same expected gradient, and the
+    distillation no longer compares two differently-perturbed encodings of the same question.
+    """
+    # Column -2 (the question's last token) predicts the teacher's first target; nothing else is read.
+    prompt, state = forward_step(lm, embed(lm, b["student_prompt_ids"]), b["student_prompt_mask"], None,
+                                 logits_to_keep=2)
+    teacher, _ = forward_step(lm, embed(lm, b["teacher_suffix_ids"]), b["teacher_suffix_mask"],
+                              branch(state, hide_last=1))
+    return suffix_logits(prompt.logits[:, -2:-1], teacher.logits), teacher.hidden_states, state
+
+
+def _teacher_alone(lm, b: dict):
+    """The teacher's own forward over [question ; CoT + answer] (the two-pass reference): same
+    returns as `_question_once`, without the student's state."""
+    ids = torch.cat([b["teacher_prompt_ids"], b["teacher_suffix_ids"]], dim=1)     # [B, Tp + Ts]
+    mask = torch.cat([b["teacher_prompt_mask"], b["teacher_suffix_mask"]], dim=1)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
+             use_cache=False, output_hidden_states=True)
+    tp = b["teacher_prompt_ids"].shape[1]
+    return out.logits[:, tp - 1: -1], [h[:, tp:] for h in out.hidden_states]
+
+
 def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> MethodOutput:
     cc = cfg.method.codi
     lm = parts["lm"]
+    counts = ctx.counts_for(batch, cfg, loss_counts)
     b = to_device(batch, model_device(lm))
+    if cc.shared_question_pass:
+        t_logits, t_hidden, state = _question_once(lm, b)
+    else:
+        t_logits, t_hidden = _teacher_alone(lm, b)
+        _, state = forward_step(lm, embed(lm, b["student_prompt_ids"]), b["student_prompt_mask"], None, logits_to_keep=1)
+    t_loss, t_mask = token_ce(t_logits, b["teacher_suffix_labels"])
+    teacher_h = [h.detach() for h in _gather(t_hidden, b["teacher_pos"])]        # the target, never trained
 
-    # Teacher: one forward over [prompt ; CoT + answer], with gradients.
-    ids = torch.cat([b["teacher_prompt_ids"], b["teacher_suffix_ids"]], dim=1)     # [B, Tp + Ts]
-    mask = torch.cat([b["teacher_prompt_mask"], b["teacher_suffix_mask"]], dim=1)
-    teacher = lm(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask),
-                 use_cache=False, output_hidden_states=True)
-    tp = b["teacher_prompt_ids"].shape[1]
-    t_loss, t_mask = token_ce(teacher.logits[:, tp - 1: -1], b["teacher_suffix_labels"])
-    teacher_h = [h.detach() for h in _gather(teacher.hidden_states, tp + b["teacher_pos"])]   # target only
-
-    # Student: prompt + <bot>, n projected latents over the KV cache, then <eot> + answer.
+    # Student: after question + <bot>, n projected latents over the KV cache, then <eot> + answer.
+    # Only the last latent's logits are read (they predict <eot>, which is given: label ignored).
     projection = optional_part(parts, "projection")
-    _, state = forward_step(lm, embed(lm, b["student_prompt_ids"]), b["student_prompt_mask"], None)
-    latents, state, outs = rollout_latents(lm, state, cfg.method.num_latents, project=projection)
+    latents, state, outs = rollout_latents(lm, state, cfg.method.num_latents, project=projection, logits_to_keep=1)
     student, _ = forward_step(lm, embed(lm, b["student_suffix_ids"]), b["student_suffix_mask"], state)
     s_loss, s_mask = token_ce(suffix_logits(outs[-1].logits[:, -1:], student.logits), b["student_suffix_labels"])
     student_h = _gather(student.hidden_states, b["student_pos"])
 
-    ce_teacher, ce_student = reduce_tokens(t_loss, t_mask), reduce_tokens(s_loss, s_mask)
-    distill = layerwise_distill(student_h, teacher_h, kind=cc.distill_loss,
-                                normalize_by_teacher_std=cc.normalize_by_teacher_std)
+    distill_rows = layerwise_distill(student_h, teacher_h, kind=cc.distill_loss, reduction="none",
+                                     normalize_by_teacher_std=cc.normalize_by_teacher_std,
+                                     std_over=cc.teacher_std)                          # [B]
+    ce_teacher, ce_student = share(t_loss, counts["ce_teacher"]), share(s_loss, counts["ce_student"])
+    distill = share(distill_rows, counts["distill"])
     loss = cc.alpha * ce_student + cc.beta * distill + cc.gamma * ce_teacher
     with torch.no_grad():
         per_row = {"ce_student": reduce_tokens(s_loss, s_mask, "none"),
                    "ce_teacher": reduce_tokens(t_loss, t_mask, "none"),
-                   "distill": layerwise_distill(student_h, teacher_h, kind=cc.distill_loss,
-                                                normalize_by_teacher_std=cc.normalize_by_teacher_std,
-                                                reduction="none"),
-                   # without the batch std: a value of the row alone (batch-invariance checks)
+                   "distill": distill_rows.detach(),
+                   # without any std: a value of the row alone, whatever teacher_std says
                    "distill_raw": layerwise_distill(student_h, teacher_h, kind=cc.distill_loss,
                                                     normalize_by_teacher_std=False, reduction="none")}
     logs = {"ce_student": ce_student.detach(), "distill": distill.detach(), "ce_teacher": ce_teacher.detach()}

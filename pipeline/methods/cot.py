@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.latent import answer_text, cot_text, positions_from_mask
-from pipeline.losses import reduce_tokens, token_ce
+from pipeline.losses import IGNORE_INDEX, reduce_tokens, share, token_ce
 from pipeline.methods import MethodOutput, StepContext
 from pipeline.methods.batching import encode, encode_prompt, model_device, pad_batch, to_device
 
@@ -40,8 +40,14 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
     return collate
 
 
+def loss_counts(batch: dict, cfg: Config) -> dict[str, int]:
+    """The CE's target tokens (the normaliser of its share of the global batch)."""
+    return {"ce": int((batch["suffix_labels"] != IGNORE_INDEX).sum())}
+
+
 def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> MethodOutput:
     lm = parts["lm"]
+    counts = ctx.counts_for(batch, cfg, loss_counts)
     b = to_device(batch, model_device(lm))
     ids = torch.cat([b["prompt_ids"], b["suffix_ids"]], dim=1)                  # [B, Tp + Ts]
     mask = torch.cat([b["prompt_mask"], b["suffix_mask"]], dim=1)
@@ -49,7 +55,7 @@ def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> Met
     tp = b["prompt_ids"].shape[1]
     # Column tp-1 (the prompt's last token, real in every row) predicts suffix token 0.
     tok_loss, tok_mask = token_ce(out.logits[:, tp - 1: -1], b["suffix_labels"])   # [B, Ts]
-    ce = reduce_tokens(tok_loss, tok_mask)
+    ce = share(tok_loss, counts["ce"])
     return MethodOutput(loss=ce, logs={"ce": ce.detach()},
                         per_row={"ce": reduce_tokens(tok_loss, tok_mask, "none").detach()})
 

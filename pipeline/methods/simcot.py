@@ -1,6 +1,8 @@
 """SIM-CoT: step-level supervision of the latents of CODI or Coconut (`method.simcot.base`).
 
     loss = base loss (codi.run or coconut.run, unchanged) + λ_explain · explain loss
+           explain loss = Σ over (row, latent) pairs with a target of the pair's token-mean CE,
+                          / the number of such pairs in the global batch
 
 The explain loss (pipeline/methods/step_decoder.py) trains an auxiliary decoder to generate step k
 from latent k alone; its gradient flows back through the latent into the projection and the LoRA
@@ -61,9 +63,17 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
     return collate
 
 
+def loss_counts(batch: dict, cfg: Config) -> dict[str, int]:
+    """The base method's counts plus the (row, latent) pairs with a step target: the explain loss
+    is a mean over latents (each latent's CE a mean over its own step tokens)."""
+    return {**base_method(cfg).loss_counts(batch, cfg), "step_decoder": int(batch["step_has_target"].sum())}
+
+
 def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> MethodOutput:
+    counts = ctx.counts_for(batch, cfg, loss_counts)
     out = base_method(cfg).run(parts, batch, cfg, ctx)
-    explain, per_row = step_decoder.explain_loss(parts, cfg, out.latents, batch)
+    explain, per_row = step_decoder.explain_loss(parts, cfg, out.latents, batch, count=counts["step_decoder"],
+                                                 agree_max=ctx.agree_max)
     weight = cfg.method.simcot.explain_weight
     return MethodOutput(loss=out.loss + weight * explain,
                         logs={**out.logs, "step_decoder": explain.detach()},

@@ -1,9 +1,10 @@
 """SIM-CoT's auxiliary step decoder: reads latent k alone and generates reasoning step k.
 
 Training input per (row, latent): `[latent_k ; embed(step_k tokens)]`, labels `step_k tokens + EOS`,
-the latent slot and the padding ignored. All latents of all rows go through ONE decoder forward of
-shape [B·n, 1 + L] per training step, on every rank, even when no row has a target (the loss is
-then multiplied by 0): ZeRO-3 needs every rank to make the same forwards (reference bugs 2 and 3).
+the latent slot and the padding ignored. The (row, latent) pairs that have a target go through ONE
+decoder forward of shape [M, 1 + L] per training step, M = their count agreed across ranks (max),
+on every rank, even when no row has a target (then one padding row, its loss multiplied by 0):
+ZeRO-3 needs every rank to make the same forwards (reference bugs 2 and 3).
 Step targets come from the examples' parsed step texts, tokenized with the decoder's tokenizer
 (never token ids chosen per model family, bug 4), padded once over the whole batch (bug 1).
 
@@ -26,13 +27,14 @@ import functools
 import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.config import Config, ModelConfig
 from pipeline.latent import forward_step, model_device, positions_from_mask
-from pipeline.losses import IGNORE_INDEX, causal_lm_ce, masked_mean
+from pipeline.losses import IGNORE_INDEX, causal_lm_ce, share
 from pipeline.methods.batching import encode
 from pipeline.models import load_base_model, load_tokenizer, lora_targets, unwrap_base
 
@@ -238,11 +240,28 @@ def _decoder(parts: nn.ModuleDict, cfg: Config):
     return model, ctx, lambda z: z.to(dtype)
 
 
-def explain_loss(parts: nn.ModuleDict, cfg: Config, latents: Tensor | None, batch: dict) -> tuple[Tensor, Tensor]:
-    """The "explain" CE: mean over (row, latent) pairs that have a target. Returns (loss, per-row [B]).
+def _pack(weight: Tensor, agree_max: Callable[[int], int]) -> tuple[Tensor, Tensor]:
+    """Rows of the flat (row, latent) pairs to run: those with a target, padded with row 0 to a
+    count every rank agrees on (at least 1, so each rank runs one decoder forward even without
+    targets). Returns (index [M], weight [M]: 1 for a real pair, 0 for padding)."""
+    pairs = weight.nonzero().squeeze(-1)
+    total = max(1, agree_max(int(pairs.numel())))
+    index = torch.cat([pairs, pairs.new_zeros(total - pairs.numel())])
+    return index, (torch.arange(total, device=weight.device) < pairs.numel()).to(weight.dtype)
+
+
+def explain_loss(parts: nn.ModuleDict, cfg: Config, latents: Tensor | None, batch: dict,
+                 count: float | None = None, agree_max: Callable[[int], int] = int,
+                 packed: bool = True) -> tuple[Tensor, Tensor]:
+    """The "explain" CE: Σ over (row, latent) pairs that have a target of the pair's token-mean CE,
+    / `count` (the pairs with a target in the whole global batch; None = this batch's own, i.e.
+    the mean over its pairs). Returns (loss, per-row [B]).
 
     latents: [B, n, d] latent inputs of the base method (gradient flows back through them), n ≥ the
     batch's target columns (Coconut may pad latent columns across ranks; those have no target).
+    packed: the decoder reads only the pairs with a target (padded to `agree_max` of their count,
+    issue 12.2) and only up to the longest of their targets; False runs all B·n pairs (the
+    reference layout; pairs without a target weigh 0). Same loss and gradients either way.
     """
     step_ids, step_mask, has = batch["step_ids"], batch["step_mask"], batch["step_has_target"]
     bsz = step_ids.shape[0]
@@ -265,6 +284,11 @@ def explain_loss(parts: nn.ModuleDict, cfg: Config, latents: Tensor | None, batc
         ids = step_ids[:, :n].reshape(bsz * n, -1)                                    # [B·n, L]
         mask = step_mask[:, :n].reshape(bsz * n, -1)
         weight = has[:, :n].reshape(-1)                                               # [B·n]
+    index = None
+    if packed:       # padding rows repeat pair 0 at weight 0: exactly no loss, no gradient
+        index, weight = _pack(weight, agree_max)
+        width = max(1, int(mask[index].sum(-1).max()))
+        flat_latents, ids, mask = flat_latents[index], ids[index, :width], mask[index, :width]
     with ctx:
         inputs = torch.cat([to_input(flat_latents)[:, None], model.get_input_embeddings()(ids)], dim=1)
         attn = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)             # [N, 1 + L]
@@ -272,12 +296,15 @@ def explain_loss(parts: nn.ModuleDict, cfg: Config, latents: Tensor | None, batc
                        use_cache=False).logits                                        # [N, 1 + L, V]
     labels = torch.cat([ids.new_full((ids.shape[0], 1), IGNORE_INDEX), ids.masked_fill(mask == 0, IGNORE_INDEX)], 1)
     ce = causal_lm_ce(logits, labels, reduction="none")                              # [N], token mean
-    loss = masked_mean(ce, weight)                              # exactly 0, still in the graph, if no target
+    count = float(weight.sum()) if count is None else count
+    loss = share(ce * weight, count)                            # exactly 0, still in the graph, if no target
     if n == 0:
         return loss, loss.new_zeros(bsz)
-    w = weight.view(bsz, n).to(ce.dtype)
-    per_row = (ce.view(bsz, n) * w).sum(1) / w.sum(1).clamp(min=1)
-    return loss, per_row.detach()
+    with torch.no_grad():
+        pair_ce = ce if index is None else ce.new_zeros(bsz * n).index_add_(0, index, ce * weight)
+        w = has[:, :n].to(ce.dtype)
+        per_row = (pair_ce.view(bsz, n) * w).sum(1) / w.sum(1).clamp(min=1)
+    return loss, per_row
 
 
 @torch.no_grad()

@@ -134,6 +134,8 @@ def forward_step(model, embeds: Tensor, mask: Tensor, state: RolloutState | None
     cache = None if state is None else state.past_key_values
     body = None if logits else decoder_body(model)
     target = model if body is None else body
+    if not logits and body is None:         # no separate body to call: the last hidden state via the outputs
+        output_hidden_states = True
     kwargs = {"logits_to_keep": logits_to_keep} if body is None and logits_to_keep else {}
     out = target(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
                  **{_cache_kwarg(target): cache}, use_cache=True, output_hidden_states=output_hidden_states,

@@ -127,6 +127,7 @@ def measure(vocab=128256, dim=4096, dtype="bf16", tokens=2048, head_rows=16, cal
         if memory:
             entry["peak_rss_growth_gib"] = {v: _subprocess_rss(args, v, part) for v in ("peft", "ours")}
         result["parts"][part] = entry
+        print(f"bench_token_rows: {part}: {entry}", file=sys.stderr, flush=True)     # a long run shows progress
     return result
 
 

@@ -55,7 +55,8 @@ def test_cpu_smoke_runs_every_part_and_reports_json(tmp_path):
     assert {t["what"].split()[0] for t in result["targets"]} == {"codi", "simcot"}
     n = result["nccl"]
     assert n["status"] == "passed" and n["backend"] == "gloo" and n["world_size"] == 2 and n["value_check"]
-    assert json.loads(proc.stdout[:proc.stdout.rindex("}") + 1])["ok"]      # the JSON is printed too
+    printed = proc.stdout[proc.stdout.index('{\n  "check": "gpu_check"'):]           # the JSON is printed too
+    assert json.loads(printed[:printed.index("\n}\n") + 2]) == result
     assert "| simcot |" in proc.stdout and "checks OK" in proc.stdout
 
 

@@ -7,7 +7,7 @@ answers (that is :mod:`evaluation.answers`) and never writes files (that is the 
   and parser end to end.
 - :class:`ExplicitAdapter`: any causal LM (CoT-SFT, No-CoT, instruct models; chat template optional).
 - :class:`LatentAdapter`: an exported Coconut / CODI / SIM-CoT checkpoint (``<bot>``, ``n`` latents
-  over the KV cache, ``<eot>``, decoding) through :func:`pipeline.latent.generate_with_latents`.
+  over the KV cache, ``<eot>``, decoding) through :func:`pipeline.decoding.generate_with_latents`.
 - :class:`~evaluation.softcot.SoftCoTAdapter`: SoftCoT / SoftCoT++ (assistant + projection + base).
 - :class:`PredictionsFileAdapter`: re-score an existing predictions JSONL.
 
@@ -217,7 +217,8 @@ def _prepare(tokenizer, decode: DecodeConfig) -> DecodeConfig:
 def _decode(model, tokenizer, decode: DecodeConfig, prompts: list[str], instances, seed: int,
             **latent_kw) -> list[Generation]:
     """Decode a batch through pipeline.latent (explicit decoding = 0 latents, no start/end token)."""
-    from pipeline.latent import generate_with_latents, model_device
+    from pipeline.decoding import generate_with_latents
+    from pipeline.latent import model_device
 
     k = decode.num_samples
     prompts = [p for p in prompts for _ in range(k)]
@@ -321,8 +322,8 @@ class LatentAdapter:
                        projection=self.projection)
 
     def rollout(self, instances, num_latents: int | None = None):
-        """The raw :class:`pipeline.latent.LatentGeneration` (greedy) — for the latent report."""
-        from pipeline.latent import generate_with_latents
+        """The raw :class:`pipeline.decoding.LatentGeneration` (greedy) — for the latent report."""
+        from pipeline.decoding import generate_with_latents
 
         n = (self.default_num_latents or 0) if num_latents is None else num_latents
         return generate_with_latents(self.model, self.tokenizer, [prompt_for(i) for i in instances],

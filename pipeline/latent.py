@@ -14,6 +14,8 @@ mechanics that decide correctness live in one place:
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -160,45 +162,74 @@ class RolloutState:
     past_key_values: object        # transformers Cache
     attention_mask: Tensor         # [B, T_so_far] over everything in the cache
     next_position: Tensor          # [B] position id of the next real token
-    last_hidden: Tensor            # [B, d] last-layer hidden state at each row's last real token
+    last_hidden: Tensor | None     # [B, d] last-layer hidden state at each row's last real token
+                                   # (None after a step that asked for logits only)
 
 
 def forward_step(model, embeds: Tensor, mask: Tensor, state: RolloutState | None,
-                 output_hidden_states: bool = True, logits_to_keep: int = 0):
+                 output_hidden_states: bool = True, logits_to_keep: int = 0, logits: bool = True):
     """Run `model` on `embeds` [B, t, d] with mask [B, t] over the cache in `state`.
 
     Returns (model output, new state). Position ids continue from the state; masked (padding)
     columns do not advance them. The new `last_hidden` is taken at each row's last real column of
     this chunk (rows with no real column in it keep their previous one).
+
+    Only what is asked for is computed (issue 12.5): `output_hidden_states` collects every layer's
+    hidden states (training's distillation reads them); `logits=False` runs the decoder body alone,
+    without the LM head (`out.last_hidden_state`, no `out.logits`): a step that only feeds the next
+    latent needs the last hidden state, not [B, t, V] logits. With logits and no hidden states
+    requested (a decode step) `last_hidden` is None.
     """
     start = state.next_position if state is not None else torch.zeros(embeds.shape[0], dtype=torch.long,
                                                                       device=embeds.device)
     position_ids = positions_from_mask(mask, start)
     full_mask = mask if state is None else torch.cat([state.attention_mask, mask], dim=1)
     cache = None if state is None else state.past_key_values
-    out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
-                **{_cache_kwarg(model): cache}, use_cache=True, output_hidden_states=True,
-                **({"logits_to_keep": logits_to_keep} if logits_to_keep else {}))
-    hidden = out.hidden_states[-1]                                   # [B, t, d], after final norm
-    has_real = mask.sum(-1) > 0                                      # [B]
-    last_col = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)   # [B]
-    chunk_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_col]  # [B, d]
-    if state is not None:
-        chunk_last = torch.where(has_real[:, None], chunk_last, state.last_hidden)
+    body = None if logits else decoder_body(model)
+    target = model if body is None else body
+    if not logits and body is None:         # no separate body to call: the last hidden state via the outputs
+        output_hidden_states = True
+    kwargs = {"logits_to_keep": logits_to_keep} if body is None and logits_to_keep else {}
+    out = target(inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids,
+                 **{_cache_kwarg(target): cache}, use_cache=True, output_hidden_states=output_hidden_states,
+                 **kwargs)
+    if body is not None:
+        hidden = out.last_hidden_state                               # [B, t, d], after final norm
+    else:
+        hidden = out.hidden_states[-1] if output_hidden_states else None
+    chunk_last = None
+    if hidden is not None:
+        last_col = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)   # [B]
+        chunk_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_col]  # [B, d]
+        if state is not None and state.last_hidden is not None:
+            has_real = mask.sum(-1) > 0                              # [B]
+            chunk_last = torch.where(has_real[:, None], chunk_last, state.last_hidden)
     new_state = RolloutState(past_key_values=_output_cache(out), attention_mask=full_mask,
                              next_position=start + mask.sum(-1), last_hidden=chunk_last)
     return out, new_state
 
 
+def decoder_body(model):
+    """The transformer stack under the LM head (LlamaModel, GPT2Model, ...; LoRA layers included
+    for a peft model), or None when the model has no separate one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, "base_model", None)
+    return None if body is None or body is base else body
+
+
 def _cache_kwarg(model) -> str:
     """The forward argument that takes the KV cache: `cache` in transformers >= 5.x models that
     deprecate `past_key_values` (removed in 5.40, FutureWarning until then), else `past_key_values`."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base = getattr(base, "module", base)
+    return _cache_kwarg_of(type(base))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls) -> str:
+    # Once per class: inspect.signature on every forward call cost ~50 us per decode step.
     try:
-        params = inspect.signature(type(base).forward).parameters
+        params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
@@ -236,11 +267,13 @@ def branch(state: RolloutState, hide_last: int = 0) -> RolloutState:
 
 def rollout_latents(model, state: RolloutState, num_latents: int, *,
                     project: Callable[[Tensor], Tensor] | None = None,
-                    active: Tensor | None = None, logits_to_keep: int = 0) -> tuple[Tensor, RolloutState, list]:
+                    active: Tensor | None = None, logits_to_keep: int = 0,
+                    logits: bool = True) -> tuple[Tensor, RolloutState, list]:
     """Feed `num_latents` continuous thoughts after the prefix already in `state`.
 
     active: [B, n] bool/0-1, which latent slots each row really uses (None = all). Returns
-    (latent inputs [B, n, d], state after the last latent, per-step model outputs).
+    (latent inputs [B, n, d], state after the last latent, per-step model outputs). With
+    `logits=False` the steps run the decoder body only (no LM head; see `forward_step`).
     """
     latents, outputs = [], []
     batch = state.last_hidden.shape[0]
@@ -249,8 +282,9 @@ def rollout_latents(model, state: RolloutState, num_latents: int, *,
         latent = project(source) if project is not None else source
         column = (torch.ones(batch, 1, dtype=torch.long, device=latent.device) if active is None
                   else active[:, k: k + 1].long())
+        # Without logits the body's last_hidden_state is all a step needs: no per-layer states.
         out, state = forward_step(model, latent[:, None, :].to(_embed_dtype(model)), column, state,
-                                  logits_to_keep=logits_to_keep)
+                                  output_hidden_states=logits, logits_to_keep=logits_to_keep, logits=logits)
         latents.append(latent)
         outputs.append(out)
     if not latents:
@@ -271,110 +305,12 @@ def embed(model, ids: Tensor) -> Tensor:
     return model.get_input_embeddings()(ids)
 
 
-@dataclass
-class LatentGeneration:
-    texts: list[str]
-    token_ids: list[list[int]]
-    num_generated: list[int]
-    latents: Tensor          # [B, n, d] latent inputs
-    latent_hidden: Tensor    # [B, n, d] last hidden states the latents were made from
+# Generation moved to pipeline.decoding (issue 12.5); the old import paths keep working.
+_MOVED_TO_DECODING = {"LatentGeneration", "generate_with_latents", "stop_token_ids", "sample_rows"}
 
 
-@torch.no_grad()
-def generate_with_latents(model, tokenizer, prompts: list[str], *, num_latents: int,
-                          start_token: str | None, end_token: str | None,
-                          projection: Callable[[Tensor], Tensor] | None = None, max_new_tokens: int = 64,
-                          do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                          generator: torch.Generator | list[torch.Generator] | None = None,
-                          all_done: Callable[[bool], bool] | None = None) -> LatentGeneration:
-    """`prompt + start`, `num_latents` latents, `end`, then decode until EOS per row.
-
-    With `num_latents=0` and no start/end tokens this is plain explicit decoding, with the same
-    batch-invariant masking. The batch ends when every row has produced EOS; `all_done(local)`,
-    when given, turns this rank's answer into the answer of all ranks (validation under ZeRO-3,
-    where every rank must make the same forward calls).
-    """
-    device = model_device(model)
-    ids = [tokenizer(p).input_ids for p in prompts]
-    if start_token is not None:
-        ids = [seq + [tokenizer.convert_tokens_to_ids(start_token)] for seq in ids]
-    prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    # Decoding reads only the last position's logits: computing them for every prompt position
-    # ([B, T, V]) was most of the prefill's lm_head cost (issue 12.5).
-    out, state = forward_step(model, embed(model, prompt_ids), prompt_mask, None, logits_to_keep=1)
-    hidden_before = []
-    if num_latents:
-        latents, state, _ = _rollout_recording(model, state, num_latents, projection, hidden_before)
-    else:
-        latents = state.last_hidden.new_zeros(len(prompts), 0, state.last_hidden.shape[-1])
-    if end_token is not None:
-        end = torch.full((len(prompts), 1), tokenizer.convert_tokens_to_ids(end_token), device=device)
-        out, state = forward_step(model, embed(model, end), torch.ones_like(end), state, logits_to_keep=1)
-    logits = out.logits[:, -1]
-    stop = torch.tensor(sorted(stop_token_ids(model, tokenizer)), device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    generated: list[list[int]] = [[] for _ in prompts]
-    for _ in range(max_new_tokens):
-        next_ids = _pick(logits.float(), do_sample, temperature, top_p, generator)        # [B]
-        for i in range(len(prompts)):
-            if not done[i]:
-                generated[i].append(int(next_ids[i]))
-        done |= torch.isin(next_ids, stop)
-        if (all_done or bool)(bool(done.all())):
-            break
-        step = next_ids[:, None]
-        out, state = forward_step(model, embed(model, step), torch.ones_like(step), state, logits_to_keep=1)
-        logits = out.logits[:, -1]
-    texts = [tokenizer.decode([t for t in g if t not in stop.tolist()], skip_special_tokens=True)
-             for g in generated]
-    hidden = (torch.stack(hidden_before, 1) if hidden_before else latents)
-    return LatentGeneration(texts=texts, token_ids=generated, num_generated=[len(g) for g in generated],
-                            latents=latents, latent_hidden=hidden)
-
-
-def stop_token_ids(model, tokenizer) -> set[int]:
-    """EOS of the tokenizer plus every end id of the model's generation config (instruct models
-    often have several, e.g. `<|eot_id|>` and `<|end_of_text|>`)."""
-    ids = {tokenizer.eos_token_id}
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif config_eos:
-        ids.update(config_eos)
-    return {i for i in ids if i is not None}
-
-
-def _rollout_recording(model, state, num_latents, projection, record: list):
-    def project(h: Tensor) -> Tensor:
-        record.append(h)
-        return projection(h) if projection is not None else h
-    return rollout_latents(model, state, num_latents, project=project, logits_to_keep=1)
-
-
-def sample_rows(probs: Tensor, generator) -> Tensor:
-    """One draw per row of `probs` [B, V] → ids [B].
-
-    `generator` may be one torch.Generator for the batch or a list with one per row: each row then
-    draws from its own stream exactly once per call, so its sample does not depend on which other
-    rows share the batch (evaluation seeds each row by seed, benchmark and instance id).
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != probs.shape[0]:
-            raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows")
-        return torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g) for i, g in enumerate(generator)]
-                         ).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _pick(logits: Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> Tensor:
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
-        sorted_probs = sorted_probs * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return sample_rows(probs, generator)
+def __getattr__(name: str):
+    if name in _MOVED_TO_DECODING:
+        from pipeline import decoding
+        return getattr(decoding, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

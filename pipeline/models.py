@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import SMOLLM2_GGUF, ModelConfig, TinyModelConfig, smollm2_gguf_dir  # noqa: F401 (re-export)
+from pipeline.token_rows import add_token_rows, merge_token_rows, token_rows  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +211,17 @@ def apply_lora(model: PreTrainedModel, cfg: ModelConfig, *, new_token_ids: list[
                adapter_name: str = "default"):
     """Wrap with peft LoRA; the latent tokens' embedding rows stay trainable.
 
-    `trainable_token_indices` trains only those rows (the reference CODI leaves them frozen at their
-    random init), instead of the whole embedding matrix that `modules_to_save` would copy.
+    Only those rows train (the reference CODI leaves them frozen at their random init), through a
+    [k, d] delta on the frozen matrix (pipeline.token_rows), not peft's `trainable_token_indices`,
+    which copies the whole matrix on every call (issue 12.4), nor `modules_to_save`.
     """
     from peft import LoraConfig, get_peft_model
 
-    embed_name = "wte" if model.config.model_type == "gpt2" else "embed_tokens"
     lora_cfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=lora_targets(model, cfg), task_type="CAUSAL_LM",
-                          trainable_token_indices={embed_name: list(new_token_ids)})
-    return get_peft_model(model, lora_cfg, adapter_name=adapter_name)
+                          target_modules=lora_targets(model, cfg), task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora_cfg, adapter_name=adapter_name)
+    add_token_rows(model.get_base_model(), new_token_ids)
+    return model
 
 
 def unwrap_base(model) -> PreTrainedModel:

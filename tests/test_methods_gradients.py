@@ -27,12 +27,12 @@ def step(built, examples, stage=0):
 
 
 def token_row_grads(model, token_ids):
-    """{token id: |grad| of its trainable embedding row} from peft's trainable-token delta."""
-    for module in model.modules():
-        if hasattr(module, "trainable_tokens_delta") and "default" in module.trainable_tokens_delta:
-            grad = module.trainable_tokens_delta["default"].grad
-            return {tid: float(grad[r].abs().sum()) for r, tid in enumerate(module.token_indices["default"])}
-    raise AssertionError("no trainable token rows")
+    """{token id: |grad| of its trainable embedding row} from the latent-token rows' delta."""
+    from pipeline.token_rows import token_rows
+
+    rows = token_rows(model)
+    assert rows is not None, "no trainable token rows"
+    return {int(tid): float(rows.weight.grad[r].abs().sum()) for r, tid in enumerate(rows.token_ids)}
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])

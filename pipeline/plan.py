@@ -45,6 +45,7 @@ from torch import nn
 
 from pipeline.config import REPO_ROOT, Config, ModelConfig, resolve_ds_template
 from pipeline.models import LATENT_TOKENS, lora_targets, meta_model
+from pipeline.plan_traffic import HEADROOM, model_uses, recommend, traffic_options
 
 MODEL_CONFIGS = REPO_ROOT / "recipes" / "model_configs"
 DEFAULT_SEQ = 256
@@ -63,6 +64,8 @@ class Plan:
     activation_note: str
     verdict: str
     fits: bool
+    traffic: list = dataclasses.field(default_factory=list)     # plan_traffic.TrafficOption per ZeRO choice
+    recommendation: str = ""
 
 
 def _resolve(model: ModelConfig) -> ModelConfig:
@@ -188,6 +191,7 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
             + (f", {n_latents} x {1 + m.simcot.max_step_tokens} decoder tokens/row" if dec_dims else "")
             + f"; seq {seq} = data.max_tokens" + (" (unset: assumed)" if not cfg.data.max_tokens else ""))
 
+    accum = cfg.train.gradient_accumulation_steps
     stage, offload = _configured(cfg)
     key = {(2, "none"): "zero2", (2, "optim"): "zero2_offload", (3, "none"): "zero3", (3, "optim"): "zero3_offload_optim",
            (3, "all"): "zero3_offload_all"}.get((stage, offload))
@@ -202,11 +206,18 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
     method_line = m.name + (f" (base {m.simcot.base}, decoder {m.simcot.decoder})" if m.name == "simcot" else "") \
         + (f" (assistant {m.softcot.assistant_model})" if m.name == "softcot" else "") \
         + f", {n_latents} latents"
-    accum = cfg.train.gradient_accumulation_steps
     cluster_line = (f"{world} GPUs = {nodes} node{'s' if nodes > 1 else ''} x {per_node}, {gpu_memory_gb:g} GB each; "
                     f"micro batch {micro} x accumulation {accum} = global batch {micro * accum * world}")
+    traffic = traffic_options(model_uses(cfg, params, n_latents), width=width, accumulation=accum, world=world,
+                              per_node=per_node, states=states, activations=acts["total"],
+                              gpu_memory=gpu_memory_gb * GB)
+    best = recommend(traffic)
+    recommendation = (f"{best.name} (template {best.template}): the least parameter traffic that fits in "
+                      f"{HEADROOM:.0%} of {gpu_memory_gb:g} GB" if best else
+                      f"none of these fits in {HEADROOM:.0%} of {gpu_memory_gb:g} GB: offload (templates "
+                      f"zero3_offload_optim, zero3_offload_all), more GPUs or a smaller micro batch")
     return Plan(f"memory plan: {config_path or 'embedded default config'}", model_line, method_line, cluster_line,
-                params, states, acts, note, verdict, fits)
+                params, states, acts, note, verdict, fits, traffic, recommendation)
 
 
 def _configured(cfg: Config) -> tuple[int, str]:
@@ -234,4 +245,10 @@ def format_plan(plan: Plan) -> str:
               f"activations per GPU, GB   ({plan.activation_note})"]
     lines += [f"  {name:<24}{gb(value):>12}" for name, value in plan.activations.items()]
     lines.append(f"verdict     {plan.verdict}")
+    lines.append("parameter traffic per GPU per optimizer step, GB all-gathered (docs/ZERO3.md)")
+    lines.append(f"  {'option':<28}{'template':<20}{'gathered':>10}{'inter-node':>12}{'memory':>10}  "
+                 f"fits in {HEADROOM:.0%}")
+    lines += [f"  {o.name:<28}{o.template:<20}{gb(o.gathered):>10}{gb(o.inter_node):>12}{gb(o.memory):>10}  "
+              f"{'yes' if o.fits else 'no'}" for o in plan.traffic]
+    lines.append(f"recommend   {plan.recommendation}")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """ZeRO-3 parameter traffic: all-gathered bytes per training step of CoT-SFT, CODI and SIM-CoT.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_zero3_traffic.py            # ~2 min on 2 shared cores
+    OMP_NUM_THREADS=1 python benchmarks/bench_zero3_traffic.py            # minutes (2 ranks, 12 runs)
     OMP_NUM_THREADS=1 python benchmarks/bench_zero3_traffic.py --json     # the summary as JSON on stdout
     python -c "import bench_zero3_traffic as b; print(b.measure(hidden=64, layers=2))"   # from benchmarks/run.py
 
@@ -15,7 +15,8 @@ per optimizer step on one rank (both ranks gather the same).
 
 Settings (the shipped ds_configs templates; ZeRO-3 windows scaled to the model, see below):
   zero3           ds_configs/zero3.json: the memory-lean ZeRO-3 template
-  zero3_resident  ds_configs/zero3_resident.json: parameters stay gathered for the whole micro step
+  zero3_resident  ds_configs/zero3_resident.json: zero3's windows + keep_params_gathered, which holds
+                  the weights of every part called more than once per step (the latent rollout's)
   zero2           ds_configs/zero2.json: parameters replicated; only updated weights are gathered
 
 Scaling to "8B-like" settings. The ZeRO-3 thresholds are parameter counts, so at a tiny model the
@@ -25,11 +26,10 @@ pass over LLaMA-3.1-8B walks 8.03e9 elements, so a 1e9 reuse window releases a l
 the next latent pass needs it again. Each threshold is therefore multiplied by
     scale = (parameters of the tiny base model) / 8,030,261,248    (LLaMA-3.1-8B)
 so that every window covers the same *fraction* of the model as at 8B (the reuse window: 1/8 of a
-pass). The persistence threshold is scaled the same way, as asked; at 8B it keeps only the norm
+pass). The persistence threshold is scaled the same way; at 8B it keeps only the norm
 vectors whole, at this scale nothing, a difference of < 0.5 % of the bytes. LoRA's rank is
 scaled with the hidden size (r 128 at 4096 → 8 at 256) so the adapters are the same ~4 % of the
-model as in the 8B recipes. The resident template's windows are "everything this step uses again"
-and stay so after scaling.
+model as in the 8B recipes.
 
 Reported per setting and method: bytes/step, model equivalents (bytes / the main model's bytes),
 and two ratios: vs CoT-SFT under the same setting, and vs CoT-SFT under zero3 (the baseline of
@@ -117,7 +117,7 @@ def measure(*, hidden: int = 256, layers: int = 4, batch: int = 4, latents: int 
 def summarise(raw: dict) -> dict:
     """Ratios vs CoT-SFT (same setting, and the zero3 baseline) added to the per-rank figures."""
     results = raw["results"]
-    for setting, per_method in results.items():
+    for per_method in results.values():
         cot = per_method.get("cot")
         base = results.get(BASELINE, {}).get("cot")
         for r in per_method.values():
@@ -179,7 +179,7 @@ def _worker(spec_file: str) -> None:
             batch = collate(examples)
             per_step, phases, seconds = [], [], []
             with count_all_gathers() as counter:
-                for step in range(total):
+                for _ in range(total):
                     counter.reset()
                     t0 = time.perf_counter()
                     loss, _ = strategy.forward(batch, StepContext(agree_max=agree_max))

@@ -25,10 +25,18 @@ else transformers' AutoConfig. Output format (tests/test_engine_plan.py checks i
       logits                        x.x
       total                         x.x
     verdict     ZeRO-S[ offload …] (template T): model states x.x + activations x.x = x.x GB of M GB: fits|DOES NOT FIT
+    parameter traffic per GPU per optimizer step, GB all-gathered (docs/ZERO3.md)
+      option                      template              gathered  inter-node    memory  fits in 90%
+      ZeRO-2                      zero2                      x.x         x.x       x.x  yes|no
+      ZeRO-3                      zero3                      …
+      ZeRO-3 keep rollout         zero3_resident             …
+      ZeRO-3 keep rollout + hpZ   zero3_resident_hpz         …                              (several nodes only)
+    recommend   <option> (template T): the least parameter traffic that fits in 90% of M GB
 
 Model states: DeepSpeed's estimators for the trainable parameters (16 bytes each in mixed
 precision, plus its buffer factors), plus the frozen weights (2 bytes in bf16, 4 in fp32) kept
 whole on every GPU under ZeRO-2, 1/W of them under ZeRO-3, none with parameter offload.
+Traffic: pipeline/plan_traffic.py (formulas there and in docs/ZERO3.md).
 Activations: no activation checkpointing (it breaks the cached latent rollout); sequences of
 data.max_tokens tokens (256 when unset) for the explicit/teacher pass, the same plus the latents
 and markers for the student pass, (latents) x (1 + method.simcot.max_step_tokens) decoder tokens.

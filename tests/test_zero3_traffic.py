@@ -154,7 +154,7 @@ def test_benchmark_counts_each_rollout_weight_once_per_step(bench):
     simcot = r["zero3_resident"]["simcot_full"]
     assert simcot["forward_bytes"] >= parts["lm"] + parts["projection"] + simcot["part_gather_bytes"]["decoder"]
     assert simcot["ratio_vs_cot_same_setting"] <= 2.0 and summary["target"]["met"]
-    assert r["zero3"]["simcot_full"]["ratio_vs_cot_same_setting"] > 4
+    assert r["zero3"]["simcot_full"]["bytes_per_step"] > 2 * simcot["bytes_per_step"]
     # ZeRO-2 gathers only the trained weights (LoRA + trainable rows + projection), after the step.
     assert r["zero2"]["codi"]["forward_bytes"] == r["zero2"]["codi"]["backward_bytes"] == 0
     assert 0 < r["zero2"]["codi"]["optimizer_step_bytes"] < parts["lm"] / 4
@@ -164,7 +164,8 @@ def test_benchmark_counts_each_rollout_weight_once_per_step(bench):
 def test_resident_template_equals_zero0_and_asymmetric_ranks_finish(tmp_path):
     """codi, SIM-CoT (full decoder) and SIM-CoT on Coconut (shared decoder, curriculum: the held
     set changes with the stage) under zero3_resident equal ZeRO-0 over 3 steps (losses and
-    gradient norms); rank 0 without SIM-CoT targets / with fewer latents still finishes."""
+    gradient norms), CODI with hpZ too; rank 0 without SIM-CoT targets / with fewer latents still
+    finishes."""
     sys.path.insert(0, str(ROOT / "tests" / "dist"))
     from test_engine_dist import launch, result
     from train_variants import COCONUT, LORA, TINY_OVERRIDES
@@ -182,8 +183,14 @@ def test_resident_template_equals_zero0_and_asymmetric_ranks_finish(tmp_path):
         common = TINY_OVERRIDES + ["train.per_device_train_batch_size=4", "deepspeed.enabled=true",
                                    f"deepspeed.template={path}"]
         variants += [{"name": f"{template_name}_{m}", "overrides": common + extra} for m, extra in methods.items()]
-    common = TINY_OVERRIDES + ["train.per_device_train_batch_size=4", "deepspeed.enabled=true",
-                               f"deepspeed.template={resident}"]
+    # hpZ as well: on one machine "auto" turns it off, so force a secondary partition over both ranks
+    # (DeepSpeed creates its group once per process: one variant). The frozen base keeps its secondary.
+    template["zero_optimization"]["zero_hpz_partition_size"] = 2
+    hpz = tmp_path / "zero3_resident_hpz_test.json"
+    hpz.write_text(json.dumps(template))
+    common = TINY_OVERRIDES + ["train.per_device_train_batch_size=4", "deepspeed.enabled=true"]
+    variants.append({"name": "hpz_codi", "overrides": common + [f"deepspeed.template={hpz}", *methods["codi"]]})
+    common = common + [f"deepspeed.template={resident}"]
     variants += [
         {"name": "asym_no_steps", "rank0_no_steps": True,
          "overrides": common + ["method.name=simcot", "method.simcot.decoder=full"]},
@@ -204,6 +211,7 @@ def test_resident_template_equals_zero0_and_asymmetric_ranks_finish(tmp_path):
         assert got["zero_stage"] == 3 and got["step"] == ref["step"] == 3
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), m
         assert grad_norms(f"resident_{m}") == pytest.approx(grad_norms(f"zero0_{m}"), rel=1e-4), m
+    assert result(out, "hpz_codi")["losses"] == pytest.approx(result(out, "zero0_codi")["losses"], rel=1e-5)
     assert result(out, "resident_simcot_shared_coconut")["stage"] == 2
     assert result(out, "asym_no_steps")["step"] == 3
     assert result(out, "asym_fewer_latents")["step"] == 3 and result(out, "asym_fewer_latents")["stage"] == 2

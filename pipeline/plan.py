@@ -24,11 +24,19 @@ else transformers' AutoConfig. Output format (tests/test_engine_plan.py checks i
       rollout                       x.x
       logits                        x.x
       total                         x.x
-    verdict     ZeRO-S[ offload …] (template T): model states x.x + activations x.x = x.x GB of M GB: fits|DOES NOT FIT
+    verdict     ZeRO-S[ offload …] (template T): model states x.x + activations x.x [+ held rollout weights x.x] = x.x GB of M GB: fits|DOES NOT FIT
+    parameter traffic per GPU per optimizer step, GB all-gathered (docs/ZERO3.md)
+      option                      template              gathered  inter-node    memory  fits in 90%
+      ZeRO-2                      zero2                      x.x         x.x       x.x  yes|no
+      ZeRO-3                      zero3                      …
+      ZeRO-3 keep rollout         zero3_resident             …
+      ZeRO-3 keep rollout + hpZ   zero3_resident_hpz         …                              (several nodes only)
+    recommend   <option> (template T): the least parameter traffic that fits in 90% of M GB
 
 Model states: DeepSpeed's estimators for the trainable parameters (16 bytes each in mixed
 precision, plus its buffer factors), plus the frozen weights (2 bytes in bf16, 4 in fp32) kept
 whole on every GPU under ZeRO-2, 1/W of them under ZeRO-3, none with parameter offload.
+Traffic: pipeline/plan_traffic.py (formulas there and in docs/ZERO3.md).
 Activations: no activation checkpointing (it breaks the cached latent rollout); sequences of
 data.max_tokens tokens (256 when unset) for the explicit/teacher pass, the same plus the latents
 and markers for the student pass, (latents) x (1 + method.simcot.max_step_tokens) decoder tokens.
@@ -45,6 +53,7 @@ from torch import nn
 
 from pipeline.config import REPO_ROOT, Config, ModelConfig, resolve_ds_template
 from pipeline.models import LATENT_TOKENS, lora_targets, meta_model
+from pipeline.plan_traffic import HEADROOM, model_uses, recommend, traffic_options
 
 MODEL_CONFIGS = REPO_ROOT / "recipes" / "model_configs"
 DEFAULT_SEQ = 256
@@ -63,6 +72,8 @@ class Plan:
     activation_note: str
     verdict: str
     fits: bool
+    traffic: list = dataclasses.field(default_factory=list)     # plan_traffic.TrafficOption per ZeRO choice
+    recommendation: str = ""
 
 
 def _resolve(model: ModelConfig) -> ModelConfig:
@@ -192,26 +203,39 @@ def make_plan(cfg: Config, config_path: str | None = None, gpu_memory_gb: float 
             + (f", {n_latents} x {1 + m.simcot.max_step_tokens} decoder tokens/row" if dec_dims else "")
             + f"; seq {seq} = data.max_tokens" + (" (unset: assumed)" if not cfg.data.max_tokens else ""))
 
+    accum = cfg.train.gradient_accumulation_steps
     stage, offload = _configured(cfg)
     key = {(2, "none"): "zero2", (2, "optim"): "zero2_offload", (3, "none"): "zero3", (3, "optim"): "zero3_offload_optim",
            (3, "all"): "zero3_offload_all"}.get((stage, offload))
     need_states = states[key]["gpu"] if key else (16 * trainable + frozen * width)   # ZeRO-0/1: everything whole
     need = need_states + acts["total"]
+    traffic = traffic_options(model_uses(cfg, params, n_latents), width=width, accumulation=accum, world=world,
+                              per_node=per_node, states=states, activations=acts["total"],
+                              gpu_memory=gpu_memory_gb * GB)
+    # A "resident" template also holds the rollout's weights gathered for the whole step.
+    chosen = next((o for o in traffic if o.template == cfg.deepspeed.template and "resident" in o.template), None)
+    held = max(0.0, chosen.memory - need) if chosen else 0.0
+    need += held
     fits = need <= gpu_memory_gb * GB
     verdict = (f"ZeRO-{stage}{'' if offload == 'none' else ' offload ' + offload} (template {cfg.deepspeed.template}): "
-               f"model states {need_states / GB:.1f} + activations {acts['total'] / GB:.1f} = {need / GB:.1f} GB "
-               f"of {gpu_memory_gb:g} GB: {'fits' if fits else 'DOES NOT FIT'}")
+               f"model states {need_states / GB:.1f} + activations {acts['total'] / GB:.1f}"
+               + (f" + held rollout weights {held / GB:.1f}" if held else "")
+               + f" = {need / GB:.1f} GB of {gpu_memory_gb:g} GB: {'fits' if fits else 'DOES NOT FIT'}")
     model_line = (f"{cfg.model.name_or_path} ({base.config.model_type}, hidden {d['hidden']}, {d['layers']} layers, "
                   f"vocab {d['vocab']} incl. {len(LATENT_TOKENS)} latent tokens), dtype {cfg.model.dtype}")
     method_line = m.name + (f" (base {m.simcot.base}, decoder {m.simcot.decoder})" if m.name == "simcot" else "") \
         + (f" (assistant {m.softcot.assistant_model}" + (f", {sets} thought sets" if sets > 1 else "") + ")"
            if m.name == "softcot" else "") \
         + f", {n_latents} latents"
-    accum = cfg.train.gradient_accumulation_steps
     cluster_line = (f"{world} GPUs = {nodes} node{'s' if nodes > 1 else ''} x {per_node}, {gpu_memory_gb:g} GB each; "
                     f"micro batch {micro} x accumulation {accum} = global batch {micro * accum * world}")
+    best = recommend(traffic)
+    recommendation = (f"{best.name} (template {best.template}): the least parameter traffic that fits in "
+                      f"{HEADROOM:.0%} of {gpu_memory_gb:g} GB" if best else
+                      f"none of these fits in {HEADROOM:.0%} of {gpu_memory_gb:g} GB: offload (templates "
+                      f"zero3_offload_optim, zero3_offload_all), more GPUs or a smaller micro batch")
     return Plan(f"memory plan: {config_path or 'embedded default config'}", model_line, method_line, cluster_line,
-                params, states, acts, note, verdict, fits)
+                params, states, acts, note, verdict, fits, traffic, recommendation)
 
 
 def _configured(cfg: Config) -> tuple[int, str]:
@@ -239,4 +263,10 @@ def format_plan(plan: Plan) -> str:
               f"activations per GPU, GB   ({plan.activation_note})"]
     lines += [f"  {name:<24}{gb(value):>12}" for name, value in plan.activations.items()]
     lines.append(f"verdict     {plan.verdict}")
+    lines.append("parameter traffic per GPU per optimizer step, GB all-gathered (docs/ZERO3.md)")
+    lines.append(f"  {'option':<28}{'template':<20}{'gathered':>10}{'inter-node':>12}{'memory':>10}  "
+                 f"fits in {HEADROOM:.0%}")
+    lines += [f"  {o.name:<28}{o.template:<20}{gb(o.gathered):>10}{gb(o.inter_node):>12}{gb(o.memory):>10}  "
+              f"{'yes' if o.fits else 'no'}" for o in plan.traffic]
+    lines.append(f"recommend   {plan.recommendation}")
     return "\n".join(lines)

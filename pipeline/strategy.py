@@ -154,6 +154,46 @@ def _fill(ds: dict, key: str, value, source: str) -> None:
     ds[key] = value
 
 
+# A template's own top-level key (removed before DeepSpeed sees the config). "repeatedly_called_parts":
+# under ZeRO-3 the weights of every part a micro step calls more than once (the latent rollout's
+# model: ~10 calls per step) are gathered once and held until the optimizer step, instead of being
+# gathered again for each call and again in backward (docs/ZERO3.md). "never" (the default) leaves
+# releasing to DeepSpeed's reuse window.
+KEEP_GATHERED_KEY = "keep_params_gathered"
+KEEP_GATHERED_VALUES = ("never", "repeatedly_called_parts")
+
+
+def _keep_gathered(ds: dict, template) -> bool:
+    """Validate and remove the template's keep_params_gathered key; True when it applies (ZeRO-3)."""
+    value = ds.pop(KEEP_GATHERED_KEY, "never")
+    if value not in KEEP_GATHERED_VALUES:
+        raise ConfigError(f"deepspeed.template: {template}: {KEEP_GATHERED_KEY} is {value!r}; "
+                          f"choose one of {', '.join(KEEP_GATHERED_VALUES)}")
+    zero = ds.get("zero_optimization", {})
+    keep = value == "repeatedly_called_parts" and zero.get("stage", 0) == 3
+    if keep and zero.get("offload_param", {}).get("device", "none") != "none":
+        raise ConfigError(f"deepspeed.template: {template}: {KEEP_GATHERED_KEY} keeps whole parameters on the "
+                          "device, which contradicts offload_param; use one or the other")
+    return keep
+
+
+def keeps_params_gathered(cfg: Config) -> bool:
+    """Whether the configured template holds repeatedly called parts gathered (ZeRO-3 only)."""
+    if not cfg.deepspeed.enabled:
+        return False
+    template = resolve_ds_template(cfg.deepspeed.template)
+    ds = json.loads(template.read_text())
+    if cfg.deepspeed.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    return _keep_gathered(ds, template)
+
+
+def hpz_partition_size(world_size: int, gpus_per_node: int | None = None) -> int:
+    """ZeRO++ hpZ secondary partition size for "auto": the GPUs of one node, 1 on a single node."""
+    per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return per_node if 1 < per_node < world_size and world_size % per_node == 0 else 1
+
+
 def build_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None) -> dict:
     """The final ds_config: the template with every "auto" DeepSpeed cannot resolve filled in.
 
@@ -161,7 +201,9 @@ def build_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None
     train.gradient_accumulation_steps, train_batch_size = micro x accumulation x world size (and
     deepspeed.train_batch_size, when set, must equal it). Clipping = train.max_grad_norm,
     precision = model.dtype (bf16 keeps fp32 master weights in DeepSpeed's optimizer wrappers).
-    ZeRO bucket sizes left "auto" are derived from `hidden_size` as transformers does.
+    ZeRO bucket sizes left "auto" are derived from `hidden_size` as transformers does;
+    `zero_hpz_partition_size: "auto"` (ZeRO++ hpZ) becomes the GPUs per node (1 on one node).
+    The template's own `keep_params_gathered` key is checked and removed (`keeps_params_gathered`).
     """
     ds_cfg, train = cfg.deepspeed, cfg.train
     template = resolve_ds_template(ds_cfg.template if ds_cfg.enabled else "zero0")
@@ -190,6 +232,9 @@ def build_ds_config(cfg: Config, world_size: int, hidden_size: int | None = None
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if ds_cfg.enabled and ds_cfg.zero_stage is not None:
         zero["stage"] = ds_cfg.zero_stage
+    _keep_gathered(ds, template)
+    if zero.get("zero_hpz_partition_size") == "auto":
+        zero["zero_hpz_partition_size"] = hpz_partition_size(world_size)
     if hidden_size is not None:
         for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
                            ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
@@ -268,6 +313,59 @@ def warmup_steps(cfg: Config, total_steps: int) -> int:
 
 # --------------------------------------------------------------------------- the strategy
 
+class _HeldWeights:
+    """keep_params_gathered: the weights of every part that a micro step calls more than once (the
+    latent rollout's model) are gathered at their first use and held until the optimizer step.
+
+    DeepSpeed's parameter coordinator gathers a parameter when a submodule needs it and, after that
+    submodule's forward or backward, releases it unless `param.ds_active_sub_modules` (the set of
+    submodules still using it) is non-empty. One more entry in that set for each partitioned weight
+    of a held part keeps its first gather alive through every forward call, the backward and the
+    further micro steps of the accumulation: the coordinator's fetches, prefetches and releases run
+    unchanged and find the weights already there. Parts are chosen by counting their forward calls
+    in the previous micro step (the same on every rank, as every rank runs the same forwards), so the
+    first micro step holds nothing. The optimizer step releases everything before it updates the
+    partitions (stage3 `_partition_all_parameters` clears these sets); `release` does it explicitly.
+    """
+
+    USER = "pipeline.strategy.keep_params_gathered"     # a pseudo submodule id
+
+    def __init__(self, module: nn.Module):
+        parts = getattr(module, "parts", None) or {"module": module}
+        # Persistent (small) parameters are never released anyway.
+        self.weights = {name: [p for p in part.parameters() if hasattr(p, "ds_id") and not p.ds_persist]
+                        for name, part in parts.items()}
+        self.calls: dict[str, int] = {}
+        self.held: list[nn.Parameter] = []
+        for name, part in parts.items():
+            part.register_forward_pre_hook(partial(self._count, name))
+
+    def _count(self, name: str, *_) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def hold_repeated(self) -> None:
+        """Before a micro step: hold the weights of the parts the last micro step called twice or more."""
+        for name, n in self.calls.items():
+            if n > 1:
+                for p in self.weights[name]:
+                    if self.USER not in p.ds_active_sub_modules:
+                        p.ds_active_sub_modules.add(self.USER)
+                        self.held.append(p)
+        self.calls = {}
+
+    def release(self) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        free = []
+        for p in self.held:
+            p.ds_active_sub_modules.discard(self.USER)
+            if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_active_sub_modules:
+                free.append(p)
+        if free:
+            free[0].partition(param_list=free)
+        self.held = []
+
+
 class Strategy:
     """One deepspeed.initialize around the whole MethodModule, plus the calls the loop needs."""
 
@@ -278,6 +376,7 @@ class Strategy:
         self._own_norm: float | None = None
         self.optimizer: torch.optim.AdamW | None = None
         self.ds_config: dict = {}
+        self._held: _HeldWeights | None = None          # keep_params_gathered (ZeRO-3)
 
     @property
     def device(self) -> torch.device:
@@ -306,6 +405,8 @@ class Strategy:
         # DeepSpeed's checkpoint engine unpickles with weights_only=False; shadow its `load` on this
         # engine's instance only (every checkpoint engine class has the same load(path, map_location)).
         self.engine.checkpoint_engine.load = safe_torch_load
+        if self.zero_stage == 3 and keeps_params_gathered(self.cfg):
+            self._held = _HeldWeights(self.engine.module)
         return self.engine
 
     # ---- the step
@@ -319,6 +420,8 @@ class Strategy:
         return batch
 
     def forward(self, batch: dict, ctx):
+        if self._held is not None:
+            self._held.hold_repeated()
         return self.engine(self.to_device(batch), ctx)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -340,6 +443,8 @@ class Strategy:
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             self._own_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
         self.engine.step()
+        if boundary and self._held is not None:
+            self._held.release()
         return boundary
 
     def grad_norm(self) -> float | None:
@@ -390,11 +495,80 @@ class Strategy:
     @contextlib.contextmanager
     def gathered(self, params):
         """Full (unpartitioned) parameters inside the block under ZeRO-3, read-only; every rank enters."""
+        if self._held is not None:
+            self._held.release()           # GatheredParameters refuses to free a parameter still held
         if self.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
                 yield
         else:
             yield
+
+
+class GatherCounter:
+    """What `count_all_gathers` saw: gathered bytes and calls, in total and by process-group size."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.calls = 0
+        self.bytes_by_group_size: dict[int, int] = {}
+
+    def add(self, nbytes: int, group_size: int) -> None:
+        self.bytes += nbytes
+        self.calls += 1
+        self.bytes_by_group_size[group_size] = self.bytes_by_group_size.get(group_size, 0) + nbytes
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+# The comm backend's all-gather methods and the name of their (first) output argument; `group` is
+# the third parameter of each. Spelled out: the methods are wrapped by decorators taking *args.
+_ALL_GATHERS = {"all_gather": "tensor_list", "all_gather_into_tensor": "output_tensor",
+                "all_gather_base": "output_tensor", "all_gather_coalesced": "output_tensors"}
+
+
+def _gathered_bytes(out) -> int:
+    """Bytes of the gathered (full) output of one all-gather call: a tensor or a list of them."""
+    tensors = out if isinstance(out, (list, tuple)) else [out]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@contextlib.contextmanager
+def count_all_gathers():
+    """Count every all-gather that goes through deepspeed.comm on this rank (a GatherCounter).
+
+    ZeRO-3's parameter fetches (partitioned_param_coordinator → all_gather_coalesced →
+    dist.allgather_fn), hpZ's secondary-partition gathers and ZeRO-1/2's post-step weight gathers
+    all end in one of the four all-gather methods of the comm backend object `deepspeed.comm.comm.cdb`,
+    so wrapping that object's methods sees them all, whatever the caller imported. The count is the
+    size of the gathered tensor (what each rank holds afterwards); a rank receives (W-1)/W of it over
+    the wire. `bytes_by_group_size` separates hpZ's intra-node gathers (group = GPUs per node).
+    """
+    from deepspeed.comm import comm as ds_comm
+
+    backend = ds_comm.cdb
+    if backend is None:
+        raise RuntimeError("count_all_gathers: deepspeed.comm is not initialised (call init_distributed first)")
+    counter = GatherCounter()
+    wrapped = []
+    for name, out_arg in _ALL_GATHERS.items():
+        original = getattr(backend, name, None)
+        if original is None:
+            continue
+
+        def counted(*args, _original=original, _out_arg=out_arg, **kwargs):
+            out = kwargs[_out_arg] if _out_arg in kwargs else args[0]
+            group = kwargs["group"] if "group" in kwargs else (args[2] if len(args) > 2 else None)
+            counter.add(_gathered_bytes(out), dist.get_world_size(group))
+            return _original(*args, **kwargs)
+
+        setattr(backend, name, counted)      # an instance attribute shadows the class method
+        wrapped.append(name)
+    try:
+        yield counter
+    finally:
+        for name in wrapped:
+            delattr(backend, name)
 
 
 def zero_checkpoint_state_dict(checkpoint_dir: str, tag: str) -> dict:

@@ -42,7 +42,7 @@ def test_llama8b_simcot_full_decoder_on_8x80gb(capsys):
     assert z3_gb[0] > z3_gb[1] > z3_gb[2] > 0 and float(z2.group(1)) > z3_gb[0]   # offload / partitioning help
     assert re.search(r"^activations per GPU, GB   \(micro batch 8, .*seq 200 = data.max_tokens\)$", text, re.M)
     assert re.search(r"^  step decoder\s+[\d.]+$", text, re.M)
-    assert re.search(r"^verdict     ZeRO-3 \(template zero3\): model states [\d.]+ \+ activations [\d.]+ = "
+    assert re.search(r"^verdict     ZeRO-3 \(template zero3_resident\): model states [\d.]+ \+ activations [\d.]+ \+ held rollout weights [\d.]+ = "
                      r"[\d.]+ GB of 80 GB: (fits|DOES NOT FIT)$", text, re.M)
 
 
@@ -64,4 +64,5 @@ def test_every_recipe_validates_and_plans(recipe):
         assert launcher.is_file() and '"$@"' in launcher.read_text()
     header = recipe.read_text().splitlines()[0]
     assert header.startswith("#")
-    assert "verdict" in format_plan(make_plan(cfg, str(recipe)))
+    text = format_plan(make_plan(cfg, str(recipe)))
+    assert "verdict" in text and re.search(r"^recommend   \S", text, re.M)

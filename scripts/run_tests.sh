@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_cpu.sh
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 VENV="${VENV:-.venv}"
-exec "$VENV/bin/python" -m pytest -q --durations=25 "$@"
+# Two workers (one per core); a test file stays on one worker, so its module fixtures run once.
+exec "$VENV/bin/python" -m pytest -q -n 2 --dist loadfile --durations=25 "$@"

@@ -48,9 +48,10 @@ def test_cpu_smoke_runs_every_part_and_reports_json(tmp_path):
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["tflop_per_step"] > 0
         assert r["planner_predicted_gb"] > 0 and r["zero_stage"] == 2
         assert len(r["step_times_s"]) == 2
-    # The latent methods cost more than CoT-SFT in counted FLOPs (teacher + student; + decoder).
+    # SIM-CoT = CODI + the step decoder in counted FLOPs. (CODI vs CoT-SFT depends on the shape: on
+    # the smoke model the vocabulary dominates, and CODI's question pass and latents compute no logits.)
     flops = {m: result["train"][m]["tflop_per_step"] for m in ("cot", "codi", "simcot")}
-    assert flops["cot"] < flops["codi"] < flops["simcot"]
+    assert 0 < flops["codi"] < flops["simcot"] and flops["cot"] > 0
     assert result["train"]["cot"]["step_ratio_vs_cot"] == pytest.approx(1.0)
     assert {t["what"].split()[0] for t in result["targets"]} == {"codi", "simcot"}
     n = result["nccl"]

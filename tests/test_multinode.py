@@ -100,7 +100,9 @@ def test_each_file_is_written_once_by_the_right_rank(runs):
     tmp, first, second, _ = runs
     ckpt = tmp / "run" / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_4"
-    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_3", "step_4"]       # save_total_limit=2
+    best = json.loads((tmp / "run" / "metrics.json").read_text())["best_checkpoint"]   # by validation
+    # save_total_limit=2, plus the best checkpoint, which pruning never deletes
+    assert sorted(p.name for p in ckpt.glob("step_*")) == sorted({"step_3", "step_4", best})
     step = ckpt / "step_4"
     assert sorted(p.name for p in step.glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
     partitions = sorted(p.name for p in step.glob("*optim_states.pt"))
@@ -122,7 +124,9 @@ def test_the_export_of_two_nodes_reloads_and_equals_the_offline_one(runs):
     tmp = runs[0]
     live = load_exported(tmp / "run" / "export")
     assert live.meta["method"] == "simcot" and live.projection is not None
-    offline = export_from_checkpoint(tmp / "run" / "checkpoints" / "step_4", tmp / "offline")
+    # The run exports its best checkpoint by validation (load_best_model_at_end in the recipe).
+    best = json.loads((tmp / "run" / "metrics.json").read_text())["best_checkpoint"]
+    offline = export_from_checkpoint(tmp / "run" / "checkpoints" / best, tmp / "offline")
     probe = torch.tensor([[5, 17, 42, 99, 500, 3, 250, 11]])
     plain = AutoModelForCausalLM.from_pretrained(str(tmp / "run" / "export")).eval()
     with torch.no_grad():

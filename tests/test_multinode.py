@@ -104,7 +104,7 @@ def test_each_file_is_written_once_by_the_right_rank(runs):
     # save_total_limit=2, plus the best checkpoint, which pruning never deletes
     assert sorted(p.name for p in ckpt.glob("step_*")) == sorted({"step_3", "step_4", best})
     step = ckpt / "step_4"
-    assert sorted(p.name for p in step.glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
+    assert sorted(p.name for p in step.glob("rng_state_*")) == ["rng_state_0.safetensors", "rng_state_1.safetensors"]
     partitions = sorted(p.name for p in step.glob("*optim_states.pt"))
     assert len(partitions) == 2 and any("rank_0" in p for p in partitions) and any("rank_1" in p for p in partitions)
     # Global rank 0 speaks and exports; the other node's rank (local rank 0 there) does neither.

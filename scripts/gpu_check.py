@@ -85,7 +85,7 @@ def summarise(result: dict) -> dict:
     """Step ratios vs CoT-SFT, pass/fail of every check, the overall status."""
     train = result.get("train", {})
     cot = train.get("cot", {}).get("step_s")
-    for name, r in train.items():
+    for r in train.values():
         if cot and r.get("step_s"):
             r["step_ratio_vs_cot"] = r["step_s"] / cot
     result["targets"] = [{"what": f"{m} step / CoT-SFT step (LLaMA-1B shape, bf16, one GPU)",

@@ -4,7 +4,7 @@ import warnings
 
 import torch
 
-from pipeline.latent import forward_step, generate_with_latents, rollout_latents
+from pipeline.latent import forward_step, rollout_latents
 from transformers import LlamaConfig, LlamaForCausalLM
 
 

@@ -32,6 +32,8 @@ DEFAULT_TEXT_FILES = (
 
 # Strings every method's sequences contain; training on them gives them compact tokens.
 _TEMPLATE_TEXTS = ("The answer is: ", "\n", "True", "False")
+# A task's own BPE (the study, latent-make-task): its words become single tokens, so sequences stay short.
+TASK_VOCAB_SIZE = 1000
 
 
 def build_tokenizer(

@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
 from launch_env import child_env  # noqa: E402
-from train_variants import LORA, PROBE_IDS, TINY_OVERRIDES, method_variants  # noqa: E402
+from train_variants import LORA, PROBE_IDS, TINY_OVERRIDES, asymmetric_variants, method_variants  # noqa: E402
 
 SCRIPT = ROOT / "tests" / "dist" / "train_variants.py"
 # Every loss part is normalised by its count over the global batch (issue 10.3), so 2 ranks x 4 and
@@ -171,17 +171,9 @@ def test_rank_asymmetric_batches_finish(tmp, zero3_template):
     agree_max pads the short rank with zero-weighted work, so ZeRO-3 neither crashes nor hangs."""
     common = TINY_OVERRIDES + ["train.per_device_train_batch_size=4", "deepspeed.enabled=true",
                                f"deepspeed.template={zero3_template}"]
-    variants = [
-        {"name": "codi_no_steps", "rank0_no_steps": True,
-         "overrides": common + ["method.name=simcot", "method.simcot.decoder=full"]},
-        {"name": "coconut_fewer_latents", "rank0_no_steps": True, "rank0_fewer_latents": True,
-         "overrides": common + ["method.name=simcot", "method.simcot.base=coconut", "method.simcot.decoder=shared",
-                                "method.coconut.c_thought=1", "method.coconut.max_latent_stage=2",
-                                "method.coconut.epochs_per_stage=1", "data.train.0.max_examples=8", *LORA]},
-    ]
-    launch({"out": str(tmp / "sym"), "variants": variants}, tmp, timeout=180)
-    assert result(tmp / "sym", "codi_no_steps")["step"] == 3
-    r = result(tmp / "sym", "coconut_fewer_latents")
+    launch({"out": str(tmp / "sym"), "variants": asymmetric_variants(common)}, tmp, timeout=180)
+    assert result(tmp / "sym", "no_steps")["step"] == 3
+    r = result(tmp / "sym", "fewer_latents")
     assert r["step"] == 3 and r["stage"] == 2
 
 

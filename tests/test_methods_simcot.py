@@ -31,6 +31,18 @@ def test_align_latent_k_with_step_k_merge_tail_and_mask_extra():
     # Coconut's c latents per step: latents 2k, 2k+1 <-> step k.
     assert align_steps(["a", "b"], 4, latents_per_step=2) == ["a", "a", "b", "b"]
     assert align_steps(["a", "b", "c"], 4, latents_per_step=2) == ["a", "a", "b c", "b c"]
+    # extra latents repeat the last step: the final latent always carries the last calculation
+    assert align_steps(["a", "b"], 4, repeat_last=True) == ["a", "b", "b", "b"]
+    assert align_steps(["a"], 4, latents_per_step=2, repeat_last=True) == ["a", "a", "a", "a"]
+    assert align_steps(["a", "b", "c"], 2, repeat_last=True) == ["a", "b c"]
+
+
+def test_extra_latents_repeat_last_gives_every_latent_a_target(build, tokenizer):
+    built = build(make_cfg("simcot", simcot__decoder="full", simcot__extra_latents="repeat_last"))
+    batch = built.collate([ex(["<<3+4=7>>"]), ex(["<<2*3=6>>", "<<6+1=7>>"], answer="7")], 0)
+    assert batch["step_has_target"].tolist() == [[1, 1, 1], [1, 1, 1]]
+    last = batch["step_mask"][1, 2].bool()
+    assert tokenizer.decode(batch["step_ids"][1, 2][last].tolist()) == "<<6+1=7>>" + tokenizer.eos_token
 
 
 def test_rows_keep_all_their_step_tokens(tokenizer):

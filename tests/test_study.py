@@ -116,3 +116,71 @@ def test_study_end_to_end_then_resume(tmp_path):
     assert "start nocot" not in second.stdout
     assert (out / "runs" / "nocot" / "seed0" / "cell.json").stat().st_mtime == stamp
     assert json.loads((cell / "cell.json").read_text())["steps"] == 3
+
+
+def test_shipped_recipe_is_the_study_cell(tmp_path):
+    """recipes/configs/chain_simcot_cpu.yaml trains what the study's SIM-CoT cell trains (issue 13's
+    recipe): same model, method, schedule and selection; only the paths differ."""
+    from pipeline.config import load_config
+    from pipeline.data.synthetic import main as make_task
+
+    data_dir = tmp_path / "data" / "chain"
+    assert make_task(["--task", "chain", "--out", str(data_dir), "--train", "200", "--valid", "10",
+                      "--test", "10"]) == 0
+    assert (data_dir / "tokenizer" / "tokenizer.json").is_file()
+    paths = [f"data.train.0.path={data_dir / 'train.txt'}", f"data.eval.0.path={data_dir / 'valid.txt'}",
+             f"model.tokenizer={data_dir / 'tokenizer'}"]
+    shipped = load_config(ROOT / "recipes" / "configs" / "chain_simcot_cpu.yaml", paths)
+    study = load_config(None, overrides_for(Cell("simcot", 0), resolve_data(str(data_dir), tmp_path), tmp_path,
+                                            quick=False, extra=[]))
+    assert shipped.method == study.method and shipped.model.tiny == study.model.tiny
+    for name in ("seed", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                 "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "eval_steps",
+                 "metric_for_best_model", "load_best_model_at_end", "export_step_decoder"):
+        assert getattr(shipped.train, name) == getattr(study.train, name), name
+
+
+def test_ablations_change_one_thing_of_the_simcot_recipe():
+    from pipeline.study.catalogue import ABLATIONS
+
+    base = METHODS["simcot"].overrides
+    for name, spec in ABLATIONS.items():
+        changed = {k: v for k, v in spec.overrides.items() if base.get(k) != v}
+        assert changed and set(base) <= set(spec.overrides), name
+        assert len(changed) <= 2 and name in METHODS and spec.simcot, (name, changed)
+
+
+def test_only_seeds_trains_the_listed_seeds(tmp_path, monkeypatch):
+    """--only-seeds: a second process trains seeds 1,2 into the OUT another process fills with seed 0."""
+    import pipeline.study.report as report
+    import pipeline.study.runner as runner
+    from pipeline.study.cli import main
+
+    asked = []
+    monkeypatch.setattr(runner, "run_cells", lambda cells, *a, **k: asked.extend(cells) or {})
+    monkeypatch.setattr(report, "summarise", lambda *a, **k: {})
+    monkeypatch.setattr(report, "write_report", lambda summary, out, plots: (out / "results.md").write_text("-"))
+    write_task(TaskSpec(train=20, valid=5, test=5), tmp_path / "d")
+    code = main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--methods", "nocot,coconut",
+                 "--seeds", "3", "--only-seeds", "1,2"])
+    assert code == 1                                      # nothing finished: reported as missing
+    assert [(c.method, c.seed) for c in asked] == [(m, s) for s in (1, 2) for m in ("cot", "nocot", "coconut")]
+
+
+def test_report_only_reads_finished_cells_and_trains_nothing(tmp_path, monkeypatch):
+    import pipeline.study.runner as runner
+    from pipeline.study.cli import main
+
+    monkeypatch.setattr(runner, "run_cells", lambda *a, **k: pytest.fail("--report-only must not train"))
+    write_task(TaskSpec(train=20, valid=5, test=5), tmp_path / "d")
+    out = tmp_path / "o"
+    for method, seed, acc in (("nocot", 0, 10.0), ("cot", 0, 90.0), ("cot", 2, 80.0)):
+        cell = runner.Cell(method, seed).dir(out)
+        cell.mkdir(parents=True)
+        (cell / runner.CELL_FILE).write_text(json.dumps(_cell_result(method, seed, acc)))
+    code = main(["--data", str(tmp_path / "d"), "--out", str(out), "--methods", "nocot,cot", "--seeds", "3",
+                 "--report-only", "--no-plots"])
+    assert code == 1                                     # 3 of 6 cells are missing, and said so
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["methods"]["cot"]["per_seed"] == [90.0, 80.0] and summary["methods"]["cot"]["seeds"] == [0, 2]
+    assert summary["gap_closed"] == {} and summary["config"]["wall_seconds"] is None

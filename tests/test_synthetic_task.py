@@ -4,7 +4,7 @@ import re
 import pytest
 
 from pipeline.data.readers import read_gsm8k_aug
-from pipeline.data.synthetic import TASKS, TaskSpec, generate, write_task
+from pipeline.data.synthetic import SHAPES, TASKS, TaskSpec, generate, write_task
 
 STEP = re.compile(r"^<<(\d+)([-+*/])(\d+)=(\d+)>>$")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
@@ -27,9 +27,10 @@ def test_split_sizes_and_disjoint_problems(splits):
 
 
 def test_steps_chain_and_answers_are_correct(splits):
-    _, s = splits
+    task, s = splits
+    shape = SHAPES[task]
     for p in s["train"] + s["test"]:
-        assert 3 <= len(p.steps) <= 5
+        assert shape.min_steps <= len(p.steps) <= shape.max_steps
         value = None
         for step in p.steps:
             m = STEP.match(step)
@@ -37,13 +38,13 @@ def test_steps_chain_and_answers_are_correct(splits):
             a, op, b, result = int(m[1]), m[2], int(m[3]), int(m[4])
             assert OPS[op](a, b) == result, step
             assert value is None or a == value, f"step {step} does not continue from {value}"
-            assert 1 <= result <= 30
+            assert 1 <= result <= shape.cap
             value = result
         assert p.answer == value
         # every operand the steps use is written in the question
         for step in p.steps:
             b = STEP.match(step)[3]
-            assert b in p.question or STEP.match(step)[2] == "*", (b, p.question)
+            assert b in p.question or STEP.match(step)[2] in "*/", (b, p.question)
 
 
 def test_same_seed_same_data_and_other_seed_other_data():
@@ -71,3 +72,17 @@ def test_written_files_parse_with_the_gsm8k_aug_reader(tmp_path):
 def test_unknown_task_is_refused():
     with pytest.raises(ValueError, match="unknown 'nope'"):
         generate(TaskSpec(task="nope"))
+
+
+def test_stock_is_another_task_not_chain_reworded():
+    """Issue 13's held-out task: other step counts, operations and wording than the study's task."""
+    chain = generate(TaskSpec(task="chain", train=2000, valid=10, test=10))["train"]
+    stock = generate(TaskSpec(task="stock", train=2000, valid=10, test=10))["train"]
+    assert {len(p.steps) for p in stock} == set(range(2, 7))
+    ops = {STEP.match(step)[2] for p in stock for step in p.steps}
+    assert ops == {"+", "-", "*", "/"} and "/" not in {STEP.match(st)[2] for p in chain for st in p.steps}
+    assert max(int(STEP.match(st)[3]) for p in stock for st in p.steps if STEP.match(st)[2] in "+-") == 12
+
+    def sentences(problems):
+        return {re.sub(r"\d+", "N", x) for p in problems for x in p.question.split(". ")}
+    assert not sentences(chain) & sentences(stock)

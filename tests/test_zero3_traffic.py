@@ -168,7 +168,7 @@ def test_resident_template_equals_zero0_and_asymmetric_ranks_finish(tmp_path):
     finishes."""
     sys.path.insert(0, str(ROOT / "tests" / "dist"))
     from test_engine_dist import launch, result
-    from train_variants import COCONUT, LORA, TINY_OVERRIDES
+    from train_variants import COCONUT, LORA, TINY_OVERRIDES, asymmetric_variants
 
     template = json.loads((DS_CONFIG_DIR / "zero3_resident.json").read_text())
     template["zero_optimization"]["stage3_param_persistence_threshold"] = 0   # partition everything
@@ -191,14 +191,7 @@ def test_resident_template_equals_zero0_and_asymmetric_ranks_finish(tmp_path):
     common = TINY_OVERRIDES + ["train.per_device_train_batch_size=4", "deepspeed.enabled=true"]
     variants.append({"name": "hpz_codi", "overrides": common + [f"deepspeed.template={hpz}", *methods["codi"]]})
     common = common + [f"deepspeed.template={resident}"]
-    variants += [
-        {"name": "asym_no_steps", "rank0_no_steps": True,
-         "overrides": common + ["method.name=simcot", "method.simcot.decoder=full"]},
-        {"name": "asym_fewer_latents", "rank0_no_steps": True, "rank0_fewer_latents": True,
-         "overrides": common + ["method.name=simcot", "method.simcot.base=coconut", "method.simcot.decoder=shared",
-                                "method.coconut.c_thought=1", "method.coconut.max_latent_stage=2",
-                                "method.coconut.epochs_per_stage=1", "data.train.0.max_examples=8", *LORA]},
-    ]
+    variants += asymmetric_variants(common, prefix="asym_")
     out = tmp_path / "out"
     launch({"out": str(out), "variants": variants}, tmp_path, timeout=420)
 

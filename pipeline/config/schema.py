@@ -126,6 +126,9 @@ class SimCotConfig:
     explain_weight: float = 1.0        # lambda_explain
     # CODI base: latents per step (latents k·c … k·c+c−1 ↔ step k); Coconut uses its c_thought
     latents_per_step: int = 1
+    # Latents after the last step: "none" = no target (the paper's), "repeat_last" = the last step
+    # again, so the final latent holds the answer's calculation whatever the problem's step count.
+    extra_latents: Literal["none", "repeat_last"] = "none"
     max_step_tokens: int = 32
 
 

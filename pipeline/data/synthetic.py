@@ -1,6 +1,6 @@
 """Synthetic multi-step arithmetic tasks in GSM8k-Aug line format, with seeded, disjoint splits.
 
-    latent-make-task --task chain --out data/chain          # train.txt, valid.txt, test.txt, task.json
+    latent-make-task --task chain --out data/chain          # train.txt, valid.txt, test.txt, task.json, tokenizer/
     python -m pipeline.data.synthetic --task chain --out DIR --train 20000 --valid 300 --test 300
 
 Why these tasks: a chain of k dependent calculator steps (each step uses the previous result) is
@@ -14,7 +14,8 @@ identified by their numbers and operations (not their wording): the splits never
 even in other words. Everything is a pure function of (task, sizes, seed).
 
 Tasks (TASKS): `chain` (the study's task: 3–5 steps of +/− 1–9 and ×2/×3 on one quantity, every
-value in [1, 30]).
+value in [1, 30]); `stock` (the held-out check of issue 13: a shop's stock, 2–6 steps of +/− 1–12,
+×2/×3 and exact ÷2/÷3, values in [1, 40]).
 """
 from __future__ import annotations
 
@@ -83,7 +84,62 @@ def _chain(rng: random.Random, min_steps: int = 3, max_steps: int = 5, cap: int 
     return Problem(" ".join(sentences), tuple(steps), value, tuple(key))
 
 
-TASKS = {"chain": _chain}
+# --------------------------------------------------------------------------- task: stock
+
+# Issue 13's second task, written after the study's recipe was fixed and never used to choose it:
+# other wording (a shop's stock, not a person's belongings), 2–6 steps, other operations
+# (halving and thirds besides + − × ; operands up to 12) and values up to 40.
+_STOCK_GOODS = ("boxes of tea", "bags of rice", "jars of honey", "crates of pears", "rolls of tape", "packs of gum",
+                "bottles of oil", "cans of paint", "loaves of bread", "cartons of milk")
+_STOCK_SHOPS = ("the corner shop", "the market stall", "the school kiosk", "the village store", "the bakery",
+                "the hardware store")
+_STOCK_START = ("{shop} has {a} {goods} in stock.", "At opening time {shop} counts {a} {goods}.",
+                "The shelf at {shop} holds {a} {goods}.")
+_STOCK_OPS = {
+    "+": ("A delivery brings {k} more.", "The owner unpacks another {k}.", "A supplier drops off {k} extra."),
+    "-": ("Customers buy {k} of them.", "{k} are sold before lunch.", "The owner returns {k} to the supplier."),
+    "*2": ("An order doubles the stock.", "The stock is doubled by a big delivery."),
+    "*3": ("A large shipment makes the stock three times bigger.", "The stock triples overnight."),
+    "/2": ("Half of the stock is moved to the storeroom.", "The owner sells exactly half of them."),
+    "/3": ("Only a third of the stock is kept; the rest is donated.", "Two thirds of them are sent to another branch."),
+}
+_STOCK_ASK = ("How many {goods} does {shop} have at closing time?", "How many {goods} are in stock at the end?")
+
+
+def _stock(rng: random.Random, min_steps: int = 2, max_steps: int = 6, cap: int = 40, max_operand: int = 12) -> Problem:
+    """A shop's stock changed step by step: + and − of 1–12, ×2/×3, ÷2/÷3 (exact); values in [1, cap]."""
+    goods, shop = rng.choice(_STOCK_GOODS), rng.choice(_STOCK_SHOPS)
+    value = rng.randint(2, 24)
+    sentences = [rng.choice(_STOCK_START).format(a=value, shop=shop, goods=goods).capitalize()]
+    steps, key = [], [value]
+    for _ in range(rng.randint(min_steps, max_steps)):
+        allowed = {"+": value < cap, "-": value > 1, "*2": 2 * value <= cap, "*3": 3 * value <= cap,
+                   "/2": value % 2 == 0, "/3": value % 3 == 0}
+        op = rng.choice([o for o, ok in allowed.items() if ok])
+        if op in "+-":
+            k = rng.randint(1, min(max_operand, cap - value if op == "+" else value - 1))
+            result = value + k if op == "+" else value - k
+        else:
+            k = int(op[1])
+            result = value * k if op[0] == "*" else value // k
+        sentences.append(rng.choice(_STOCK_OPS[op]).format(k=k))
+        steps.append(f"<<{value}{op[0]}{k}={result}>>")
+        key.append((op[0], k))
+        value = result
+    sentences.append(rng.choice(_STOCK_ASK).format(shop=shop, goods=goods))
+    return Problem(" ".join(sentences), tuple(steps), value, tuple(key))
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    """What a task's problems look like: the number of steps and the largest value (tests read it)."""
+    min_steps: int
+    max_steps: int
+    cap: int
+
+
+TASKS = {"chain": _chain, "stock": _stock}
+SHAPES = {"chain": TaskShape(3, 5, 30), "stock": TaskShape(2, 6, 40)}
 
 
 # --------------------------------------------------------------------------- splits
@@ -137,9 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--valid", type=int, default=TaskSpec.valid)
     p.add_argument("--test", type=int, default=TaskSpec.test)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="skip OUT/tokenizer (the 1000-token BPE of the training text the study's recipes use)")
     a = p.parse_args(argv)
     path = write_task(TaskSpec(a.task, a.train, a.valid, a.test, a.seed), a.out)
     print(f"wrote {path}/train.txt, valid.txt, test.txt ({a.train}/{a.valid}/{a.test} problems, task {a.task})")
+    if not a.no_tokenizer:
+        from pipeline.tokenizer_build import TASK_VOCAB_SIZE, build_tokenizer, file_texts
+
+        build_tokenizer(file_texts(path / "train.txt"), path / "tokenizer", vocab_size=TASK_VOCAB_SIZE)
+        print(f"wrote {path}/tokenizer (byte-level BPE, {TASK_VOCAB_SIZE} tokens, trained on train.txt)")
     return 0
 
 

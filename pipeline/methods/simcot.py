@@ -8,7 +8,8 @@ The explain loss (pipeline/methods/step_decoder.py) trains an auxiliary decoder 
 from latent k alone; its gradient flows back through the latent into the projection and the LoRA
 weights. Alignment: CODI latent k ↔ step k; Coconut with c latents per step: latents k·c … k·c+c−1
 ↔ step k, over the steps the latents replace at the current stage. More steps than latents: the
-tail is merged into the last latent's target; fewer: the extra latents have no target.
+tail is merged into the last latent's target; fewer: the extra latents have no target (the paper),
+or repeat the last step (`method.simcot.extra_latents: repeat_last`).
 
 Nothing is inherited: the base method's functions are called, and the decoder is added beside its
 parts. At inference the decoder is dropped (`inference_parts`), so it costs nothing.
@@ -55,7 +56,8 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
         else:
             counts = [cfg.method.num_latents] * len(examples)
             width, per_step = cfg.method.num_latents, cfg.method.simcot.latents_per_step
-        targets = [step_decoder.align_steps(steps, n, per_step) + [None] * (width - n)
+        repeat = cfg.method.simcot.extra_latents == "repeat_last"
+        targets = [step_decoder.align_steps(steps, n, per_step, repeat_last=repeat) + [None] * (width - n)
                    for steps, n in zip(batch["latent_steps"], counts)]
         batch.update(step_decoder.encode_targets(targets, tok, cfg.method.simcot.max_step_tokens))
         return batch

@@ -144,17 +144,20 @@ def drop_decoder(parts: nn.ModuleDict) -> nn.ModuleDict:
 
 # --------------------------------------------------------------------------- step targets
 
-def align_steps(steps, num_latents: int, latents_per_step: int = 1) -> list[str | None]:
+def align_steps(steps, num_latents: int, latents_per_step: int = 1,
+                repeat_last: bool = False) -> list[str | None]:
     """Target text of each latent: latent k ↔ step k (or, with c latents per step, latents
     k·c … k·c+c−1 ↔ step k, Coconut's grouping). More steps than groups: the tail is merged into
-    the last group's target (joined by spaces). Fewer: the extra latents get None (no target)."""
+    the last group's target (joined by spaces). Fewer: the extra latents get None (no target), or,
+    with `repeat_last` (method.simcot.extra_latents=repeat_last), the last step again, so the last
+    latent always holds the final result whatever the number of steps."""
     groups = num_latents // latents_per_step
     if groups == 0 or not steps:
         return [None] * num_latents
     texts: list[str | None] = list(steps[:groups])
     if len(steps) > groups:
         texts[-1] = " ".join(steps[groups - 1:])
-    texts += [None] * (groups - len(texts))
+    texts += [texts[-1] if repeat_last else None] * (groups - len(texts))
     return [texts[k // latents_per_step] if k < groups * latents_per_step else None for k in range(num_latents)]
 
 

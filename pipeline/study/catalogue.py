@@ -26,8 +26,10 @@ COMMON: dict[str, object] = {
     "train.learning_rate": 1e-3,
     "train.lr_scheduler_type": "cosine",
     "train.warmup_ratio": 0.03,
-    "train.max_steps": 400,             # 21 cells in 90 min on 2 cores (docs/RESULTS.md has the timings)
-    "train.eval_steps": 100,
+    # 1,200 steps (1.9 epochs): the latent methods pass their phase transition between 800 and 1,000
+    # steps, CoT-SFT between 300 and 500; at 400 steps they sat at No-CoT's level (docs/RESULTS.md).
+    "train.max_steps": 1200,
+    "train.eval_steps": 200,
     "train.logging_steps": 50,
     "train.save_steps": None,
     "train.metric_for_best_model": "accuracy",
@@ -35,8 +37,9 @@ COMMON: dict[str, object] = {
     "eval.batch_size": 100,
 }
 
-# --quick (the README demo, <= 10 min): the same training, fewer validations, 3 methods, one seed.
-QUICK: dict[str, object] = {"train.eval_steps": 200}
+# --quick (the README demo, <= 10 min): a third of the training (before the latent methods' phase
+# transition: it shows the pipeline end to end, not the study's result), 3 methods, one seed.
+QUICK: dict[str, object] = {"train.max_steps": 400, "train.eval_steps": 200}
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,27 @@ METHODS: dict[str, MethodSpec] = {m.label: m for m in (
                 "method.coconut.steps_per_stage": 100, "train.export_step_decoder": True},
                init="cot", simcot=True),
 )}
+
+# Issue 13's ablations: the study recipe of one method with one thing changed (docs/RESULTS.md).
+# Not in the default study; `latent-study --methods simcot,simcot_beta20 --seeds 2` runs them.
+_SIMCOT = METHODS["simcot"].overrides
+ABLATIONS: dict[str, MethodSpec] = {m.label: m for m in (
+    MethodSpec("simcot_beta20", "CODI + SIM-CoT, full decoder, distillation weight beta = 20 (the paper's LLaMA value)",
+               {**_SIMCOT, "method.codi.beta": 20.0}, simcot=True),
+    MethodSpec("simcot_2x", "CODI + SIM-CoT, full decoder, 2 latents per step (10 latents)",
+               {**_SIMCOT, "method.simcot.latents_per_step": 2, "method.num_latents": 10}, simcot=True),
+    MethodSpec("simcot_main", "CODI + SIM-CoT, the main model decodes its own latents (decoder = main)",
+               {**_SIMCOT, "method.simcot.decoder": "main"}, simcot=True),
+    MethodSpec("simcot_last", "CODI + SIM-CoT, full decoder, teacher keeps the last step (include_last_step)",
+               {**_SIMCOT, "method.codi.include_last_step": True}, simcot=True),
+    MethodSpec("simcot_noproj", "CODI + SIM-CoT, full decoder, no projection (the hidden state fed back as is)",
+               {**_SIMCOT, "method.codi.projection": False}, simcot=True),
+    MethodSpec("simcot_repeat", "CODI + SIM-CoT, full decoder, latents after the last step repeat it (extra_latents)",
+               {**_SIMCOT, "method.simcot.extra_latents": "repeat_last"}, simcot=True),
+    MethodSpec("simcot_explain3", "CODI + SIM-CoT, full decoder, explain_weight 3",
+               {**_SIMCOT, "method.simcot.explain_weight": 3.0}, simcot=True),
+)}
+METHODS.update(ABLATIONS)
 
 DEFAULT_METHODS = ("nocot", "cot", "coconut", "codi", "simcot", "simcot_shared", "coconut_simcot")
 QUICK_METHODS = ("nocot", "simcot", "cot")     # the slowest (SIM-CoT) starts first
@@ -107,11 +131,11 @@ def ensure_tokenizer(data: StudyData, out: Path) -> StudyData:
     than with the generic tokenizer tiny models build from the shipped GSM8K slices."""
     from dataclasses import replace
 
-    from pipeline.tokenizer_build import build_tokenizer, file_texts
+    from pipeline.tokenizer_build import TASK_VOCAB_SIZE, build_tokenizer, file_texts
 
     directory = out / "tokenizer"
     if not (directory / "tokenizer.json").is_file():
-        build_tokenizer(file_texts(data.train), directory, vocab_size=1000)
+        build_tokenizer(file_texts(data.train), directory, vocab_size=TASK_VOCAB_SIZE)
     return replace(data, tokenizer=str(directory))
 
 

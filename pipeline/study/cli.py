@@ -30,8 +30,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)} "
                                      f"(default: all; --quick: {','.join(QUICK_METHODS)})")
     p.add_argument("--seeds", type=int, help="seeds per method (default 3; --quick: 1)")
+    p.add_argument("--only-seeds", help="comma-separated seed indices to train now (e.g. 1,2: another process "
+                                        "trains seed 0 into the same --out); the report covers finished cells")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report from the finished cells in --out")
     p.add_argument("--quick", action="store_true", help="fewer methods and steps, one seed (the demo)")
     p.add_argument("--jobs", type=int, default=2, help="cells trained at once (the cores are split between them)")
+    p.add_argument("--threads", type=int, help="threads per cell (default: the cores / --jobs); set it when "
+                                               "two studies share the machine")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every cell (after --)")
     return p.parse_args(argv)
@@ -39,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.study.report import summarise, write_report
-    from pipeline.study.runner import plan_cells, run_cells
+    from pipeline.study.runner import finished_cells, plan_cells, run_cells
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     methods = (args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else DEFAULT_METHODS))
@@ -60,11 +66,18 @@ def main(argv: list[str] | None = None) -> int:
               "common": {**COMMON, **(QUICK if args.quick else {})}, "overrides": args.overrides}
     (out / "study.json").write_text(json.dumps(config, indent=2, default=str))
     cells = plan_cells(methods, seeds)
+    if args.only_seeds:
+        wanted = {int(s) for s in args.only_seeds.split(",")}
+        cells = [c for c in cells if c.seed in wanted]
     print(f"study: {len(cells)} cells ({', '.join(methods)} x {seeds} seed(s)) on {data.name} -> {out}", flush=True)
     start = time.time()
-    results = run_cells(cells, data, out, quick=args.quick, jobs=args.jobs, extra=args.overrides,
-                        log=lambda msg: print(msg, flush=True))
-    summary = summarise(results, data, methods, out, {**config, "wall_seconds": round(time.time() - start, 1)})
+    if args.report_only:
+        results = finished_cells(cells, out)
+    else:
+        results = run_cells(cells, data, out, quick=args.quick, jobs=args.jobs, extra=args.overrides,
+                            threads=args.threads, log=lambda msg: print(msg, flush=True))
+    wall = None if args.report_only else round(time.time() - start, 1)       # per-cell times are in the summary
+    summary = summarise(results, data, methods, out, {**config, "wall_seconds": wall})
     write_report(summary, out, plots=not args.no_plots)
     print((out / "results.md").read_text())
     missing = [c for c in cells if c not in results]

@@ -119,20 +119,20 @@ def plan_cells(methods: list[str], seeds: int) -> list[Cell]:
     return [Cell(m, s) for s in range(seeds) for m in needed]
 
 
+def finished_cells(cells: list[Cell], out: Path) -> dict[Cell, dict]:
+    """{cell: its cell.json} for the cells that finished (a cell writes cell.json last)."""
+    done = {cell: cell.dir(out) / CELL_FILE for cell in cells}
+    return {cell: json.loads(path.read_text()) for cell, path in done.items() if path.is_file()}
+
+
 def run_cells(cells: list[Cell], data: StudyData, out: Path, *, quick: bool, jobs: int, extra: list[str],
-              log=print) -> dict[Cell, dict]:
+              threads: int | None = None, log=print) -> dict[Cell, dict]:
     """Run what is not finished, `jobs` at a time, dependencies first; finished cells are read back."""
-    results: dict[Cell, dict] = {}
-    todo = []
-    for cell in cells:
-        done = cell.dir(out) / CELL_FILE
-        if done.is_file():
-            results[cell] = json.loads(done.read_text())
-        else:
-            todo.append(cell)
+    results = finished_cells(cells, out)
+    todo = [cell for cell in cells if cell not in results]
     if results:
         log(f"{len(results)} finished cells found in {out}; {len(todo)} to run")
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     t0 = time.time()
     running: dict[Future, Cell] = {}
     failed: dict[Cell, str] = {}

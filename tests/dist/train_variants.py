@@ -56,6 +56,18 @@ def method_variants(template: str, micro: int) -> list[dict]:
     return [{"name": name, "overrides": common + extra} for name, extra in METHOD_VARIANTS.items()]
 
 
+def asymmetric_variants(common: list[str], prefix: str = "") -> list[dict]:
+    """Rank 0 gets no SIM-CoT step targets (and, on Coconut, fewer latent columns) than rank 1: the
+    cases where ranks would run different forward calls unless agree_max pads the short one."""
+    return [
+        {"name": f"{prefix}no_steps", "rank0_no_steps": True,
+         "overrides": common + ["method.name=simcot", "method.simcot.decoder=full"]},
+        {"name": f"{prefix}fewer_latents", "rank0_no_steps": True, "rank0_fewer_latents": True,
+         "overrides": common + ["method.name=simcot", "method.simcot.base=coconut", "method.simcot.decoder=shared",
+                                *COCONUT, *LORA]},
+    ]
+
+
 # 500-504 are the latent special tokens (added after the 500-token BPE): their trained rows must export too.
 PROBE_IDS = torch.tensor([[5, 17, 42, 99, 500, 3, 250, 11], [8, 8, 120, 504, 502, 77, 31, 400]])
 

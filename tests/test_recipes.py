@@ -30,7 +30,7 @@ CONFIGS = RECIPES / "configs"
 RECIPE_FILES = sorted(p for p in RECIPES.glob("*.sh") if p.name not in ("launch.sh", "evaluate.sh"))
 YAMLS = sorted(CONFIGS.glob("*.yaml"))
 # Configs written by their own owners (SoftCoT: branch softcot) or for CPU demos carry no cluster header.
-NO_HEADER = {"smollm2_codi_cpu"}
+NO_HEADER = {"smollm2_codi_cpu", "chain_simcot_cpu"}
 SOFTCOT = {p.stem for p in RECIPE_FILES if "softcot" in p.stem}
 # Spaces, quotes and every shell metacharacter: a launcher that re-parses its arguments through a
 # shell would split, expand or execute this; it must reach the trainer as this one argv item.

@@ -69,7 +69,9 @@ def test_cells_overrides_and_dependencies(tmp_path):
     args = overrides_for(Cell("coconut", 1), data, tmp_path, quick=False, extra=["train.max_steps=7"])
     assert f"method.coconut.init_from={tmp_path / 'runs' / 'cot' / 'seed1' / 'export'}" in args
     assert "train.seed=12" in args and args[-1] == "train.max_steps=7"
-    assert f"train.max_steps={COMMON['train.max_steps']}" in args          # extra overrides come after
+    assert "train.max_steps=600" in args           # from the CoT-SFT export: half as long; extras come after
+    codi = overrides_for(Cell("codi", 0), data, tmp_path, quick=False, extra=[])
+    assert f"train.max_steps={COMMON['train.max_steps']}" in codi
     assert any(a.startswith("data.eval=") and "valid.txt" in a for a in args)
 
 
@@ -184,3 +186,22 @@ def test_report_only_reads_finished_cells_and_trains_nothing(tmp_path, monkeypat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["cot"]["per_seed"] == [90.0, 80.0] and summary["methods"]["cot"]["seeds"] == [0, 2]
     assert summary["gap_closed"] == {} and summary["config"]["wall_seconds"] is None
+
+
+def test_steps_trend_plot_reads_summaries(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from plot_steps_trend import load_points, main
+
+    paths = []
+    for steps, (nocot, cot) in {1200: ([10.0, 12.0], [99.0, 97.0]), 400: ([7.0], [20.0])}.items():
+        results = {Cell(m, s): _cell_result(m, s, a) for m, accs in (("nocot", nocot), ("cot", cot))
+                   for s, a in enumerate(accs)}
+        summary = summarise(results, resolve_data("chain", tmp_path), ["nocot", "cot"], tmp_path, {})
+        paths.append(tmp_path / f"s{steps}.json")
+        paths[-1].write_text(json.dumps(summary))
+    pairs = [f"1200={paths[0]}", f"400={paths[1]}"]
+    points = load_points(pairs, ["nocot", "cot", "simcot"])
+    assert points["cot"] == [(400, 20.0, 0.0, 1), (1200, 98.0, pytest.approx(1.414, abs=1e-3), 2)]
+    assert "simcot" not in points
+    assert main([*pairs, "--methods", "nocot,cot", "--out", str(tmp_path / "t.png")]) == 0
+    assert (tmp_path / "t.png").stat().st_size > 1000

@@ -70,6 +70,7 @@ def test_cells_overrides_and_dependencies(tmp_path):
     assert f"method.coconut.init_from={tmp_path / 'runs' / 'cot' / 'seed1' / 'export'}" in args
     assert "train.seed=12" in args and args[-1] == "train.max_steps=7"
     assert "train.max_steps=600" in args           # from the CoT-SFT export: half as long; extras come after
+    assert "train.max_steps=400" in overrides_for(Cell("coconut", 1), data, tmp_path, quick=True, extra=[])
     codi = overrides_for(Cell("codi", 0), data, tmp_path, quick=False, extra=[])
     assert f"train.max_steps={COMMON['train.max_steps']}" in codi
     assert any(a.startswith("data.eval=") and "valid.txt" in a for a in args)

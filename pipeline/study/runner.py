@@ -40,7 +40,8 @@ def seed_value(index: int) -> int:
 def overrides_for(cell: Cell, data: StudyData, out: Path, quick: bool, extra: list[str]) -> list[str]:
     """The dotted overrides of a cell's `latent-train` call, as separate argv items."""
     spec = METHODS[cell.method]
-    values: dict[str, object] = {**COMMON, **(QUICK if quick else {}), **data.overrides(), **spec.overrides,
+    # --quick's shorter schedule wins over a method's own length (Coconut's, after the CoT-SFT export).
+    values: dict[str, object] = {**COMMON, **data.overrides(), **spec.overrides, **(QUICK if quick else {}),
                                  "train.seed": seed_value(cell.seed), "train.output_dir": str(cell.dir(out))}
     if spec.init:
         values[spec.init_override] = str(Cell(spec.init, cell.seed).dir(out) / "export")

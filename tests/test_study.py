@@ -168,6 +168,7 @@ def test_only_seeds_trains_the_listed_seeds(tmp_path, monkeypatch):
                  "--seeds", "3", "--only-seeds", "1,2"])
     assert code == 1                                      # nothing finished: reported as missing
     assert [(c.method, c.seed) for c in asked] == [(m, s) for s in (1, 2) for m in ("cot", "nocot", "coconut")]
+    assert main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--only-seeds", "one"]) == 2
 
 
 def test_report_only_reads_finished_cells_and_trains_nothing(tmp_path, monkeypatch):

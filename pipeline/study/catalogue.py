@@ -26,8 +26,8 @@ COMMON: dict[str, object] = {
     "train.learning_rate": 1e-3,
     "train.lr_scheduler_type": "cosine",
     "train.warmup_ratio": 0.03,
-    # 1,200 steps (1.9 epochs): the latent methods pass their phase transition between 800 and 1,000
-    # steps, CoT-SFT between 300 and 500; at 400 steps they sat at No-CoT's level (docs/RESULTS.md).
+    # 1,200 steps (1.9 epochs): the latent methods pass their phase transition between 800 and 1,200
+    # steps, CoT-SFT between 300 and 600; at 400 steps they sat at No-CoT's level (docs/RESULTS.md).
     "train.max_steps": 1200,
     "train.eval_steps": 200,
     "train.logging_steps": 50,

@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
     seeds = args.seeds or (1 if args.quick else 3)
+    wanted = None
+    if args.only_seeds:
+        try:
+            wanted = {int(s) for s in args.only_seeds.split(",")}
+        except ValueError:
+            print(f"--only-seeds {args.only_seeds!r}: expected comma-separated seed indices, e.g. 1,2", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -66,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
               "common": {**COMMON, **(QUICK if args.quick else {})}, "overrides": args.overrides}
     (out / "study.json").write_text(json.dumps(config, indent=2, default=str))
     cells = plan_cells(methods, seeds)
-    if args.only_seeds:
-        wanted = {int(s) for s in args.only_seeds.split(",")}
+    if wanted is not None:
         cells = [c for c in cells if c.seed in wanted]
     print(f"study: {len(cells)} cells ({', '.join(methods)} x {seeds} seed(s)) on {data.name} -> {out}", flush=True)
     start = time.time()

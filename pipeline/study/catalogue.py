@@ -98,6 +98,11 @@ ABLATIONS: dict[str, MethodSpec] = {m.label: m for m in (
                {**_SIMCOT, "method.simcot.extra_latents": "repeat_last"}, simcot=True),
     MethodSpec("simcot_explain3", "CODI + SIM-CoT, full decoder, explain_weight 3",
                {**_SIMCOT, "method.simcot.explain_weight": 3.0}, simcot=True),
+    # Model size: the width (and the MLP with it, 3x) around COMMON's 128; depth and heads stay.
+    MethodSpec("simcot_h64", "CODI + SIM-CoT, full decoder, a narrower model (hidden 64, MLP 192)",
+               {**_SIMCOT, "model.tiny.hidden_size": 64, "model.tiny.intermediate_size": 192}, simcot=True),
+    MethodSpec("simcot_h256", "CODI + SIM-CoT, full decoder, a wider model (hidden 256, MLP 768)",
+               {**_SIMCOT, "model.tiny.hidden_size": 256, "model.tiny.intermediate_size": 768}, simcot=True),
 )}
 METHODS.update(ABLATIONS)
 

@@ -25,6 +25,18 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def small_chain_root(tmp_path_factory):
+    """A directory holding data/chain as `latent-make-task --task chain --out data/chain` writes it
+    (200/10/10 problems and the task's tokenizer): what the chain recipe's relative paths expect."""
+    from pipeline.data.synthetic import main as make_task
+
+    root = tmp_path_factory.mktemp("chain_root")
+    assert make_task(["--task", "chain", "--out", str(root / "data" / "chain"), "--train", "200",
+                      "--valid", "10", "--test", "10"]) == 0
+    return root
+
+
 @pytest.fixture
 def tokenizer(tokenizer_dir):
     """A fresh tokenizer object per test (load_model adds the latent tokens to it)."""

@@ -56,20 +56,15 @@ def test_plan_reacts_to_cluster_size():
     assert not make_plan(cfg8, gpu_memory_gb=24).fits
 
 
-# Recipes whose data a command generates rather than the repository shipping (their header says
-# which): the test generates it, small, under tmp_path and runs from there, as a user would.
-GENERATED_DATA = {"chain_simcot_cpu": "chain"}
+# Recipes whose data `latent-make-task` generates rather than the repository shipping (their header
+# says so): the test runs them from a directory holding that data, as a user would.
+GENERATED_DATA = {"chain_simcot_cpu": "small_chain_root"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_every_recipe_validates_and_plans(recipe, tmp_path, monkeypatch):
+def test_every_recipe_validates_and_plans(recipe, request, monkeypatch):
     if recipe.stem in GENERATED_DATA:
-        from pipeline.data.synthetic import main as make_task
-
-        task = GENERATED_DATA[recipe.stem]
-        assert make_task(["--task", task, "--out", str(tmp_path / "data" / task), "--train", "200",
-                          "--valid", "10", "--test", "10"]) == 0
-        monkeypatch.chdir(tmp_path)
+        monkeypatch.chdir(request.getfixturevalue(GENERATED_DATA[recipe.stem]))
     cfg = load_config(recipe)
     if cfg.deepspeed.enabled:    # cluster recipes come with a thin launcher that passes "$@" through
         launcher = ROOT / "recipes" / f"{recipe.stem}.sh"

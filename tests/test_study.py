@@ -121,15 +121,12 @@ def test_study_end_to_end_then_resume(tmp_path):
     assert json.loads((cell / "cell.json").read_text())["steps"] == 3
 
 
-def test_shipped_recipe_is_the_study_cell(tmp_path):
+def test_shipped_recipe_is_the_study_cell(tmp_path, small_chain_root):
     """recipes/configs/chain_simcot_cpu.yaml trains what the study's SIM-CoT cell trains (issue 13's
     recipe): same model, method, schedule and selection; only the paths differ."""
     from pipeline.config import load_config
-    from pipeline.data.synthetic import main as make_task
 
-    data_dir = tmp_path / "data" / "chain"
-    assert make_task(["--task", "chain", "--out", str(data_dir), "--train", "200", "--valid", "10",
-                      "--test", "10"]) == 0
+    data_dir = small_chain_root / "data" / "chain"
     assert (data_dir / "tokenizer" / "tokenizer.json").is_file()
     paths = [f"data.train.0.path={data_dir / 'train.txt'}", f"data.eval.0.path={data_dir / 'valid.txt'}",
              f"model.tokenizer={data_dir / 'tokenizer'}"]

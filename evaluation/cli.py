@@ -160,7 +160,8 @@ def _cmd_latent_report(args) -> int:
     bench = load_benchmark(name, path, limit=args.n, data_dir=args.data_dir)
     adapter = LatentAdapter.from_exported(args.model, dtype=args.dtype, device=_device(args.device),
                                           decode=DecodeConfig(max_new_tokens=args.max_new_tokens or 64))
-    records = latent_report(adapter, bench.instances, top_k=args.top_k, num_latents=args.num_latents)
+    records = latent_report(adapter, bench.instances, top_k=args.top_k, num_latents=args.num_latents,
+                            latents_per_step=args.latents_per_step)
     print(json.dumps(write_latent_report(records, args.out, f"Latent report: {args.model} on {name}"), indent=2))
     return 0
 
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--n", type=int, default=5)
     lr.add_argument("--top-k", type=int, default=5)
     lr.add_argument("--num-latents", type=int)
+    lr.add_argument("--latents-per-step", type=int,
+                    help="latents per reference step (default: the export's latent_meta.json, else 1)")
     lr.add_argument("--max-new-tokens", type=int)
     lr.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     lr.add_argument("--device", default="auto")

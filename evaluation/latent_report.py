@@ -8,7 +8,10 @@ Per latent ``k`` of an example:
   back (after the projection, for CODI / SIM-CoT);
 - ``step_decoder``: the text the SIM-CoT step decoder generates from the latent, when the exported
   checkpoint has one;
-- ``reference``: the reference step ``k`` of the benchmark (ProsQA / GSM8k-Aug steps).
+- ``reference``: the benchmark's reference step (ProsQA / GSM8k-Aug steps) that latent ``k`` was
+  trained to hold: step ``k``, or step ``k // c`` for a model trained with ``c`` latents per step
+  (read from the export's ``latent_meta.json``; exports written before it recorded ``c`` need
+  ``latents_per_step=``).
 
 Written as ``latent_report.jsonl`` and ``latent_report.md``.
 """
@@ -22,8 +25,9 @@ import torch
 
 from evaluation.answers import score
 from evaluation.benchmarks import Instance
+from pipeline.methods.step_decoder import align_steps
 
-__all__ = ["latent_report", "write_latent_report", "decode_steps"]
+__all__ = ["latent_report", "write_latent_report", "decode_steps", "step_references", "latents_per_step_of"]
 
 
 def _tok_str(tokenizer, tid: int) -> str:
@@ -47,10 +51,22 @@ def decode_steps(step_decoder, latents: torch.Tensor, tokenizer, max_new_tokens:
     return None
 
 
+def latents_per_step_of(meta: dict) -> int:
+    """c from an export's meta (SIM-CoT records it with its step decoder); 1 when absent."""
+    return int((meta.get("step_decoder") or {}).get("latents_per_step", 1))
+
+
+def step_references(steps: Sequence[str], num_latents: int, latents_per_step: int = 1) -> list[str | None]:
+    """The reference step of each latent: step k // c, None past the reference steps. Unlike the
+    training targets, no tail of extra steps is merged into the last latent's reference."""
+    return align_steps(list(steps)[:max(num_latents // latents_per_step, 1)], num_latents, latents_per_step)
+
+
 @torch.no_grad()
 def latent_report(adapter, instances: Sequence[Instance], *, top_k: int = 5, num_latents: int | None = None,
-                  batch_size: int = 8) -> list[dict]:
+                  batch_size: int = 8, latents_per_step: int | None = None) -> list[dict]:
     """One record per instance: question, gold, prediction, and per latent its decodings."""
+    per_step = latents_per_step or latents_per_step_of(getattr(adapter, "meta", {}))
     model, tok = adapter.model, adapter.tokenizer
     head, embed_w = model.get_output_embeddings(), model.get_input_embeddings().weight
     embed_n = torch.nn.functional.normalize(embed_w.float(), dim=-1)          # [V, d]
@@ -65,6 +81,7 @@ def latent_report(adapter, instances: Sequence[Instance], *, top_k: int = 5, num
         steps = decode_steps(adapter.step_decoder, latents.reshape(-1, latents.shape[-1]), tok)
         for b, inst in enumerate(chunk):
             s = score(gen.texts[b], inst)
+            references = step_references(inst.reference_steps, n, per_step)
             rows = []
             for k in range(n):
                 p, ids = probs[b, k].topk(min(top_k, probs.shape[-1]))
@@ -74,7 +91,7 @@ def latent_report(adapter, instances: Sequence[Instance], *, top_k: int = 5, num
                     "top_k": [[_tok_str(tok, int(i)), round(float(v), 4)] for v, i in zip(p, ids)],
                     "nearest": [[_tok_str(tok, int(i)), round(float(v), 4)] for v, i in zip(c, nids)],
                     "step_decoder": steps[b * n + k] if steps is not None else None,
-                    "reference": inst.reference_steps[k] if k < len(inst.reference_steps) else None,
+                    "reference": references[k],
                 })
             records.append({"id": inst.id, "question": inst.question, "gold": inst.gold,
                             "prediction": s["prediction_flexible"], "correct": s["correct_flexible"],

@@ -76,7 +76,11 @@ def latent_meta(cfg: Config, parts: nn.ModuleDict, lora: str | None, has_step_de
             "format_version": FORMAT_VERSION}
     if cfg.method.name == "simcot":
         meta["base_method"] = base
-        meta["step_decoder"] = {"kind": cfg.method.simcot.decoder} if has_step_decoder else None
+        # Which reference step each latent was trained to decode (latents k·c … k·c+c−1 ↔ step k):
+        # the latent report needs it to compare latent k with the right step.
+        per_step = cfg.method.coconut.c_thought if base == "coconut" else cfg.method.simcot.latents_per_step
+        meta["step_decoder"] = ({"kind": cfg.method.simcot.decoder, "latents_per_step": per_step}
+                                if has_step_decoder else None)
     if cfg.method.name == "softcot":
         from pipeline.methods import softcot
         meta.update(softcot.export_meta(cfg, parts))

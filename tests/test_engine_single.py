@@ -167,12 +167,14 @@ def test_step_decoder_export_reads_latents_like_the_live_one(tmp_path, kind):
 
     from pipeline.train import run
     extra = {"full": [], "shared": LORA, "separate": ["method.simcot.decoder_model=tiny-llama"], "main": []}[kind]
+    per_step = 2 if kind == "full" else 1       # the meta records it: the latent report pairs latent k with step k // c
+    extra = [*extra, f"method.simcot.latents_per_step={per_step}"]
     cfg = load_config(None, [*TINY_OVERRIDES, *extra, "method.name=simcot", f"method.simcot.decoder={kind}",
                              "train.export=true", "train.export_step_decoder=true", "train.max_steps=2",
                              "train.learning_rate=3e-2", f"train.output_dir={tmp_path}"])
     run(cfg, on_end=on_end)
     exported = load_exported(tmp_path / "export")
-    assert exported.meta["has_step_decoder"] and exported.meta["step_decoder"] == {"kind": kind}
+    assert exported.meta["has_step_decoder"] and exported.meta["step_decoder"] == {"kind": kind, "latents_per_step": per_step}
     assert exported.step_decoder.decode_latents(latents, max_new_tokens=6) == live["texts"]
 
 

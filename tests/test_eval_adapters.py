@@ -137,6 +137,31 @@ def test_latent_report(tok, instances, tmp_path):
     assert len(Path(files["jsonl"]).read_text().splitlines()) == 3
 
 
+def test_latent_report_pairs_each_latent_with_the_step_it_was_trained_on(tok, instances):
+    """Trained with c = 2 latents per step (method.simcot.latents_per_step, recorded in the export's
+    meta), latents 2k and 2k+1 both stand for step k: comparing latent 1 with step 1 scored a
+    correct decoding as wrong (simcot_2x's report read 0 % for latent 1)."""
+    model = tiny.tiny_llama(len(tok), seed=0)
+    inst = next(i for i in instances if len(i.reference_steps) >= 2)
+    short = next(i for i in instances if len(i.reference_steps) < 3)
+
+    def adapter(meta):
+        return LatentAdapter(model, tok, num_latents=6, start_token="<bot>", end_token="<eot>",
+                             projection=tiny.codi_projection(32), decode=DecodeConfig(max_new_tokens=2), meta=meta)
+
+    def references(records):
+        return [[lat["reference"] for lat in r["latents"]] for r in records]
+
+    s = inst.reference_steps
+    paired = references(latent_report(adapter({"step_decoder": {"kind": "full", "latents_per_step": 2}}), [inst, short]))
+    assert paired[0] == [s[0], s[0], s[1], s[1], *([s[2], s[2]] if len(s) > 2 else [None, None])]
+    t = short.reference_steps
+    assert paired[1] == [t[0], t[0], *([t[1], t[1]] if len(t) > 1 else [None, None]), None, None]
+    # An export without the field (written before it existed): one latent per step, or the caller says.
+    assert references(latent_report(adapter({}), [inst]))[0][:2] == [s[0], s[1]]
+    assert references(latent_report(adapter({}), [inst], latents_per_step=2))[0][:2] == [s[0], s[0]]
+
+
 def test_latent_adapter_from_an_exported_checkpoint(tok, instances, tmp_path):
     """A directory in the exported format of docs/DESIGN.md, written by hand, evaluates exactly
     like the in-memory model it came from."""

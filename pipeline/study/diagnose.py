@@ -41,6 +41,7 @@ def _first_digit_token(tokenizer, number: str) -> int:
 def diagnose(export: str, data: str, n: int = 200, batch_size: int = 50) -> dict:
     from evaluation.answers import extract, is_correct
     from evaluation.benchmarks import load_benchmark
+    from evaluation.latent_report import latents_per_step_of, step_references
     from pipeline.export import load_exported
     from pipeline.latent import ANSWER_PREFIX, generate_with_latents, question_prompt
 
@@ -49,6 +50,7 @@ def diagnose(export: str, data: str, n: int = 200, batch_size: int = 50) -> dict
     model.set_attn_implementation("eager")                       # attention weights need the eager kernel
     insts = load_benchmark("gsm8k_aug", data, limit=n).instances
     n_lat = int(meta.get("num_latents") or 0)
+    per_step = latents_per_step_of(meta)
     stats: dict[str, list] = {k: [] for k in ("correct", "abs_err", "dec_exact", "dec_result", "dec_operand",
                                               "head_result", "head_operand", "attn", "ce_prefix", "ce_digits",
                                               "ce_eos", "n_steps", "latent_norm", "dec_op")}
@@ -70,7 +72,7 @@ def diagnose(export: str, data: str, n: int = 200, batch_size: int = 50) -> dict
             stats["n_steps"].append(len(inst.reference_steps))
             if not ok and pred is not None:
                 stats["abs_err"].append(abs(float(pred) - float(inst.gold)))
-            for k, step in enumerate(inst.reference_steps[:n_lat]):
+            for k, step in enumerate(step_references(inst.reference_steps, n_lat, per_step)):
                 parts = _step_parts(step)
                 if parts is None:
                     continue

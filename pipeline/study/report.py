@@ -31,7 +31,7 @@ def normalise_step(text: str | None) -> str:
 
 def decoded_step_shares(latents_dir: Path) -> dict | None:
     """Per latent k (that has a reference step): % of held-out problems whose step-decoder text
-    equals reference step k exactly (whitespace aside), from latent_report.jsonl."""
+    equals its reference step exactly (whitespace aside; the pairing is the latent report's), from latent_report.jsonl."""
     path = latents_dir / "latent_report.jsonl"
     if not path.is_file():
         return None
@@ -112,8 +112,9 @@ def write_markdown(summary: dict, path: Path) -> None:
     lines += ["", "Gap closed = (method − No-CoT) / (CoT-SFT − No-CoT), on the mean test accuracy."]
     if summary["interpretability"]:
         lines += ["", "## What the latents say (SIM-CoT step decoder, held-out test problems)", "",
-                  "Share of problems whose step-decoder text of latent k equals reference step k exactly "
-                  "(the whole calculator expression and result).", ""]
+                  "Share of problems whose step-decoder text of latent k equals its reference step exactly "
+                  "(the whole calculator expression and result): step k, or step k // c for a model trained "
+                  "with c latents per step.", ""]
         width = max(len(v["per_latent"]) for v in summary["interpretability"].values())
         lines += ["| method | " + " | ".join(f"latent {k}" for k in range(width)) + " | all |",
                   "|---|" + "---|" * (width + 1)]

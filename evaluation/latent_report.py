@@ -25,7 +25,6 @@ import torch
 
 from evaluation.answers import score
 from evaluation.benchmarks import Instance
-from pipeline.methods.step_decoder import align_steps
 
 __all__ = ["latent_report", "write_latent_report", "decode_steps", "step_references", "latents_per_step_of"]
 
@@ -59,6 +58,8 @@ def latents_per_step_of(meta: dict) -> int:
 def step_references(steps: Sequence[str], num_latents: int, latents_per_step: int = 1) -> list[str | None]:
     """The reference step of each latent: step k // c, None past the reference steps. Unlike the
     training targets, no tail of extra steps is merged into the last latent's reference."""
+    from pipeline.methods.step_decoder import align_steps    # lazy, like the harness's other pipeline imports
+
     return align_steps(list(steps)[:max(num_latents // latents_per_step, 1)], num_latents, latents_per_step)
 
 

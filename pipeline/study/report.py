@@ -31,7 +31,8 @@ def normalise_step(text: str | None) -> str:
 
 def decoded_step_shares(latents_dir: Path) -> dict | None:
     """Per latent k (that has a reference step): % of held-out problems whose step-decoder text
-    equals its reference step exactly (whitespace aside; the pairing is the latent report's), from latent_report.jsonl."""
+    equals its reference step exactly (whitespace aside), from latent_report.jsonl, which pairs
+    latent k with step k // c for c latents per step."""
     path = latents_dir / "latent_report.jsonl"
     if not path.is_file():
         return None

@@ -78,8 +78,10 @@ def latent_meta(cfg: Config, parts: nn.ModuleDict, lora: str | None, has_step_de
         meta["base_method"] = base
         # Which reference step each latent was trained to decode (latents k·c … k·c+c−1 ↔ step k):
         # the latent report needs it to compare latent k with the right step.
-        per_step = cfg.method.coconut.c_thought if base == "coconut" else cfg.method.simcot.latents_per_step
-        meta["step_decoder"] = ({"kind": cfg.method.simcot.decoder, "latents_per_step": per_step}
+        from pipeline.methods import step_decoder
+
+        meta["step_decoder"] = ({"kind": cfg.method.simcot.decoder,
+                                 "latents_per_step": step_decoder.latents_per_step(cfg)}
                                 if has_step_decoder else None)
     if cfg.method.name == "softcot":
         from pipeline.methods import softcot

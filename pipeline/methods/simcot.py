@@ -47,15 +47,16 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
     base_collate = base_method(cfg).make_collate(cfg, loaded, parts)
     tok = step_decoder.decoder_tokenizer(cfg, loaded)
     on_coconut = cfg.method.simcot.base == "coconut"
+    per_step = step_decoder.latents_per_step(cfg)
 
     def collate(examples, stage: int = 0) -> dict:
         batch = base_collate(examples, stage)
         if on_coconut:
             counts = batch["latent_active"].sum(1).tolist()         # latents each row uses
-            width, per_step = batch["latent_active"].shape[1], cfg.method.coconut.c_thought
+            width = batch["latent_active"].shape[1]
         else:
             counts = [cfg.method.num_latents] * len(examples)
-            width, per_step = cfg.method.num_latents, cfg.method.simcot.latents_per_step
+            width = cfg.method.num_latents
         repeat = cfg.method.simcot.extra_latents == "repeat_last"
         targets = [step_decoder.align_steps(steps, n, per_step, repeat_last=repeat) + [None] * (width - n)
                    for steps, n in zip(batch["latent_steps"], counts)]

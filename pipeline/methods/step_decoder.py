@@ -144,6 +144,12 @@ def drop_decoder(parts: nn.ModuleDict) -> nn.ModuleDict:
 
 # --------------------------------------------------------------------------- step targets
 
+def latents_per_step(cfg) -> int:
+    """c, the consecutive latents that stand for one step: Coconut's c_thought on a Coconut base,
+    method.simcot.latents_per_step on a CODI base (the collate's targets and the export's meta)."""
+    return cfg.method.coconut.c_thought if cfg.method.simcot.base == "coconut" else cfg.method.simcot.latents_per_step
+
+
 def align_steps(steps, num_latents: int, latents_per_step: int = 1,
                 repeat_last: bool = False) -> list[str | None]:
     """Target text of each latent: latent k ↔ step k (or, with c latents per step, latents

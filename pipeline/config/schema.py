@@ -111,6 +111,10 @@ class CodiConfig:
     projection: bool = True
     projection_inner_size: int | None = None   # None = hidden size
     include_last_step: bool = False
+    # Where student and teacher are distilled: "before_answer" = the position whose output predicts the
+    # answer's first token (the paper's); "after_reasoning" = the one that ends the reasoning (the
+    # student's <eot>, the teacher's last CoT token), whose output predicts the answer text's start.
+    distill_position: Literal["before_answer", "after_reasoning"] = "before_answer"
     # Scale of a projected latent: "unit" = LayerNorm gain 1 (the reference, norm √d), "embedding" =
     # gain initialised at the input embeddings' RMS (a latent enters at a token embedding's scale).
     latent_scale: Literal["unit", "embedding"] = "unit"

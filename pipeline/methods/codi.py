@@ -4,7 +4,8 @@
     student: question_prompt(Q) <bot> · n latents · <eot> → answer_text(A) + EOS   CE on the answer
              latent = projection(last hidden state), fed back over the KV cache
     distill: at the position whose output predicts the first answer token (found from the
-             tokenization, see batching.first_answer_token), every layer's hidden state of the
+             tokenization, see batching.first_answer_token; method.codi.distill_position=
+             after_reasoning: at <eot> / the last CoT token instead), every layer's hidden state of the
              student vs the *detached* teacher, SmoothL1 or L2, / teacher std, mean over layers
              (std over the row's hidden vector by default: method.codi.teacher_std)
     total:   α·CE_student + β·distill + γ·CE_teacher
@@ -82,6 +83,7 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
     tok = loaded.tokenizer
     bot, eot, eos = loaded.token_ids["bot"], loaded.token_ids["eot"], tok.eos_token_id
     include_last = cfg.method.codi.include_last_step
+    after_reasoning = cfg.method.codi.distill_position == "after_reasoning"
 
     def collate(examples, stage: int = 0) -> dict:
         t_prompts, t_suffixes, s_prompts, s_suffixes, s_labels = [], [], [], [], []
@@ -93,11 +95,19 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
             answer, first = answer_segment(tok, ex.answer)     # first: index of the answer's first token
             t_prompts.append(question)
             t_suffixes.append(step_ids + answer + [eos])
-            t_pos.append(len(step_ids) + first - 1)              # suffix column that predicts it
             s_prompts.append(question + [bot])
             s_suffixes.append([eot] + answer + [eos])
             s_labels.append([IGNORE_INDEX] + answer + [eos])     # <eot> is given, not predicted
-            s_pos.append(first)                                  # = 1 + first - 1, after <eot>
+            if after_reasoning:                                  # columns that predict the answer text
+                if not step_ids:
+                    raise ValueError(f"{ex.source_id}: method.codi.distill_position=after_reasoning needs a "
+                                     "written step before the answer in the teacher's text; this example "
+                                     f"has {len(ex.steps)} step(s) and include_last_step={include_last}")
+                t_pos.append(len(step_ids) - 1)                  # the last CoT token
+                s_pos.append(0)                                  # <eot>
+            else:                                                # the column that predicts its number
+                t_pos.append(len(step_ids) + first - 1)
+                s_pos.append(first)                              # = 1 + first - 1, after <eot>
         batch = pad_batch(t_prompts, t_suffixes, t_suffixes, tok.pad_token_id, prefix="teacher_")
         batch.update(pad_batch(s_prompts, s_suffixes, s_labels, tok.pad_token_id, prefix="student_"))
         batch["teacher_pos"] = torch.tensor(t_pos, dtype=torch.long)              # [B], suffix coords

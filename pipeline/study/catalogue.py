@@ -98,6 +98,13 @@ ABLATIONS: dict[str, MethodSpec] = {m.label: m for m in (
                {**_SIMCOT, "method.simcot.extra_latents": "repeat_last"}, simcot=True),
     MethodSpec("simcot_explain3", "CODI + SIM-CoT, full decoder, explain_weight 3",
                {**_SIMCOT, "method.simcot.explain_weight": 3.0}, simcot=True),
+    MethodSpec("simcot_distill_end", "CODI + SIM-CoT, full decoder, distilled where the reasoning ends (<eot>)",
+               {**_SIMCOT, "method.codi.distill_position": "after_reasoning"}, simcot=True),
+    # Initialisation: the CoT-SFT export of the same seed, fine-tuned for the recipe's 1,200 steps at
+    # a third of its learning rate (a fine-tune's; the CoT-SFT weights already hold the task).
+    MethodSpec("simcot_fromcot", "CODI + SIM-CoT, full decoder, from the CoT-SFT model (lr 3e-4)",
+               {**_SIMCOT, "train.learning_rate": 3e-4}, init="cot", init_override="model.name_or_path",
+               simcot=True),
     # Model size: the width (and the MLP with it, 3x) around COMMON's 128; depth and heads stay.
     MethodSpec("simcot_h64", "CODI + SIM-CoT, full decoder, a narrower model (hidden 64, MLP 192)",
                {**_SIMCOT, "model.tiny.hidden_size": 64, "model.tiny.intermediate_size": 192}, simcot=True),

@@ -1,5 +1,7 @@
 """CODI's distilled position (method.codi.distill_position, issue 13's ablation): which column of the
 teacher and of the student is compared, and that the choice reaches the loss and its gradients."""
+import re
+
 import pytest
 import torch
 from conftest import make_cfg
@@ -12,15 +14,15 @@ def rows_with_steps(examples, at_least: int):
     return [e for e in examples if len(e.steps) >= at_least]
 
 
-def collate_for(build, position: str, **fields):
+def codi_built(build, position: str, **fields):
     cfg = make_cfg("codi", codi__distill_position=position, **fields)
     return cfg, build(cfg)
 
 
 @pytest.mark.parametrize("position", ["before_answer", "after_reasoning"])
-def test_both_columns_predict_the_same_token(build, tokenizer, gsm_examples, position):
+def test_both_columns_predict_the_same_token(build, gsm_examples, position):
     examples = rows_with_steps(gsm_examples, 2)
-    _, built = collate_for(build, position)
+    _, built = codi_built(build, position)
     batch = built.collate(examples, 0)
     eot = built.loaded.token_ids["eot"]
     for r, ex in enumerate(examples):
@@ -41,7 +43,7 @@ def test_positions_change_the_distillation_and_it_trains_the_latents(build, gsm_
     values = {}
     for position in ("before_answer", "after_reasoning"):
         # alpha = gamma = 0: the loss is the distillation alone, so its gradient is the distillation's.
-        cfg, built = collate_for(build, position, codi__alpha=0.0, codi__gamma=0.0)
+        cfg, built = codi_built(build, position, codi__alpha=0.0, codi__gamma=0.0)
         out = built.module.run(built.parts, built.collate(examples, 0), cfg, StepContext())
         values[position] = out.per_row["distill"]
         out.loss.backward()             # through the latents' rollout into the projection
@@ -54,10 +56,10 @@ def test_positions_change_the_distillation_and_it_trains_the_latents(build, gsm_
 def test_after_reasoning_without_a_written_step_names_the_example(build, gsm_examples):
     one_step = [e for e in gsm_examples if len(e.steps) == 1][:1]
     assert one_step, "the fixture has 1-step examples"
-    _, built = collate_for(build, "after_reasoning")
-    with pytest.raises(ValueError, match=rf"{one_step[0].source_id}.*distill_position=after_reasoning"):
+    _, built = codi_built(build, "after_reasoning")
+    with pytest.raises(ValueError, match=re.escape(one_step[0].source_id) + ".*distill_position=after_reasoning"):
         built.collate(one_step, 0)
     # With the last step kept the teacher writes one, and the same example collates.
-    _, built = collate_for(build, "after_reasoning", codi__include_last_step=True)
+    _, built = codi_built(build, "after_reasoning", codi__include_last_step=True)
     batch = built.collate(one_step, 0)
     assert int(batch["teacher_pos"][0]) >= 0

@@ -63,3 +63,34 @@ def test_after_reasoning_without_a_written_step_names_the_example(build, gsm_exa
     _, built = codi_built(build, "after_reasoning", codi__include_last_step=True)
     batch = built.collate(one_step, 0)
     assert int(batch["teacher_pos"][0]) >= 0
+
+
+def test_after_reasoning_refuses_one_step_data_before_any_model_loads(tmp_path, capsys):
+    """The check runs where the data is read (train.main, every rank, before DeepSpeed and the
+    tokenizer): exit 2 naming the file, line, section and option, and nothing written."""
+    from pipeline.config import load_config
+    from pipeline.data.sources import DataError, read_section
+    from pipeline.train import main
+
+    data = tmp_path / "aug.txt"
+    data.write_text("Tom has 3 apples and buys 4. He eats 2. How many?||<<3+4=7>> <<7-2=5>> #### 5\n"
+                    "Ann has 2 pens and buys 6. How many?||<<2+6=8>> #### 8\n")
+    out = tmp_path / "run"
+    method = ["method.name=simcot", "method.simcot.decoder=full", "method.codi.distill_position=after_reasoning"]
+    base = [*method, "data.train.0.format=gsm8k_aug", f"data.train.0.path={data}", f"train.output_dir={out}"]
+    assert main(base) == 2
+    shown = f"{data.parent.name}/{data.name}:2: "         # an example's source_id: folder/file:line
+    err = capsys.readouterr().err
+    assert f"data error: {shown}method.codi.distill_position=after_reasoning" in err
+    assert "data.train example has 1 step(s) and include_last_step=False" in err
+    assert not out.exists()
+    # The validation set is collated the same way, so it is checked the same way.
+    two_steps = tmp_path / "two.txt"
+    two_steps.write_text(data.read_text().splitlines()[0] + "\n")
+    on_eval = [*base, f"data.train.0.path={two_steps}", f"data.eval=[{{format: gsm8k_aug, path: {data}}}]"]
+    read_section(load_config(None, on_eval), "train")
+    with pytest.raises(DataError, match=re.escape(shown) + ".*data.eval example"):
+        read_section(load_config(None, on_eval), "eval")
+    # Keeping the last step gives every example a written step; distilling before the answer needs none.
+    read_section(load_config(None, [*base, "method.codi.include_last_step=true"]), "train")
+    read_section(load_config(None, [*base, "method.codi.distill_position=before_answer"]), "train")

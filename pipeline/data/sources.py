@@ -98,14 +98,36 @@ def read_section(cfg, section: str = "train") -> SectionData:
         out.skipped += [str(file) + m[len(name):] if name and m.startswith(name) else m for m in result.skipped]
     if section == "train" and cfg.data.exclude_eval_questions and cfg.data.eval:
         out.examples, out.excluded = exclude_questions(out.examples, read_section(cfg, "eval").examples)
-    if section == "train":
-        _check_method_needs(cfg, out.examples)
+    _check_method_needs(cfg, out.examples, section)
     return out
 
 
-def _check_method_needs(cfg, examples) -> None:
-    """SoftCoT's Socratic target is built from natural-language solution lines: refuse, before any
-    model loads, data that has only calculator annotations (GSM8k-Aug lines)."""
+def _check_method_needs(cfg, examples, section: str) -> None:
+    """Refuse, before any model loads, data a method cannot use (both sections are collated for it)."""
+    _check_distill_position(cfg, examples, section)
+    if section == "train":
+        _check_socratic_target(cfg, examples)
+
+
+def _check_distill_position(cfg, examples, section: str) -> None:
+    """CODI / SIM-CoT distilled after the reasoning need a written step in the teacher's text: without
+    the last step (include_last_step=false, the default) a 1-step problem (GSM8k-Aug has them) has
+    none, and the run would otherwise stop at the first batch that holds one."""
+    codi = cfg.method.codi
+    if cfg.method.name not in ("codi", "simcot") or codi.distill_position != "after_reasoning":
+        return
+    needed = 1 if codi.include_last_step else 2
+    for ex in examples:
+        if len(ex.steps) < needed:
+            raise DataError(f"{ex.source_id}: method.codi.distill_position=after_reasoning needs a written "
+                            f"step before the answer in the teacher's text; this data.{section} example has "
+                            f"{len(ex.steps)} step(s) and include_last_step={codi.include_last_step} (keep "
+                            "the last step, filter the data, or distil before_answer)")
+
+
+def _check_socratic_target(cfg, examples) -> None:
+    """SoftCoT's Socratic target is built from natural-language solution lines: refuse data that has
+    only calculator annotations (GSM8k-Aug lines)."""
     sc = cfg.method.softcot
     if cfg.method.name != "softcot" or sc.target != "socratic":
         return

@@ -148,10 +148,16 @@ def uses_curriculum(cfg: Config) -> bool:
 
 def curriculum_stage(cfg: Config, epoch: int, step: int = 0) -> int:
     """Coconut stage at an epoch (or, with method.coconut.steps_per_stage, at an optimizer step);
-    also SIM-CoT on Coconut; 0 for single-stage methods."""
+    also SIM-CoT on Coconut; CODI's gradual stage (method.codi.gradual_steps_per_stage); else 0."""
     from pipeline.methods import method_module
 
-    return method_module("coconut").stage_at(epoch, step, cfg) if uses_curriculum(cfg) else 0
+    if uses_curriculum(cfg):
+        return method_module("coconut").stage_at(epoch, step, cfg)
+    return method_module("codi").stage_at(step, cfg) if on_codi(cfg) else 0
+
+
+def on_codi(cfg: Config) -> bool:
+    return cfg.method.name == "codi" or (cfg.method.name == "simcot" and cfg.method.simcot.base == "codi")
 
 
 def resets_optimizer_for_epoch(cfg: Config, epoch: int) -> bool:

@@ -115,6 +115,10 @@ class CodiConfig:
     # answer's first token (the paper's); "after_reasoning" = the one that ends the reasoning (the
     # student's <eot>, the teacher's last CoT token), whose output predicts the answer text's start.
     distill_position: Literal["before_answer", "after_reasoning"] = "before_answer"
+    # A gradual schedule (issue 13's curriculum ablation; the paper's CODI is single-stage): stage k =
+    # 1 … num_latents - 1 replaces the teacher's first k steps by k latents and the student writes the
+    # rest after <eot>; a stage every N optimizer steps, then plain CODI from stage num_latents on.
+    gradual_steps_per_stage: int | None = None
     # Scale of a projected latent: "unit" = LayerNorm gain 1 (the reference, norm √d), "embedding" =
     # gain initialised at the input embeddings' RMS (a latent enters at a token embedding's scale).
     latent_scale: Literal["unit", "embedding"] = "unit"

@@ -63,6 +63,7 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
         "train.decoder_learning_rate": cfg.train.decoder_learning_rate,
         "train.projection_learning_rate": cfg.train.projection_learning_rate,
         "method.codi.projection_inner_size": cfg.method.codi.projection_inner_size,
+        "method.codi.gradual_steps_per_stage": cfg.method.codi.gradual_steps_per_stage,
         "eval.max_examples": cfg.eval.max_examples,
     }
     for i, src in enumerate(cfg.data.train + cfg.data.eval):
@@ -123,6 +124,11 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
         fail("data.drop_last_step", "true together with method.codi.include_last_step=false drops the last "
              "two steps from CODI's teacher; CODI already drops the last step, so set data.drop_last_step=false "
              "(or method.codi.include_last_step=true to drop exactly one)")
+    if on_codi and cfg.method.codi.gradual_steps_per_stage and cfg.method.name == "simcot" \
+            and cfg.method.simcot.latents_per_step != 1:
+        # Stage k has k latents for the first k steps: one latent per step.
+        fail("method.codi.gradual_steps_per_stage", "needs method.simcot.latents_per_step=1 (stage k replaces "
+             f"k steps by k latents), got {cfg.method.simcot.latents_per_step}")
     if cfg.model.gradient_checkpointing and latent:
         # transformers drops a passed-in KV cache under gradient checkpointing, silently
         # changing the latent rollout's loss (see docs/DESIGN.md).

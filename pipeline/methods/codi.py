@@ -9,6 +9,8 @@
              student vs the *detached* teacher, SmoothL1 or L2, / teacher std, mean over layers
              (std over the row's hidden vector by default: method.codi.teacher_std)
     total:   α·CE_student + β·distill + γ·CE_teacher
+    gradual: (method.codi.gradual_steps_per_stage, off by default) at stage k < n the student has k
+             latents for the teacher's first k steps and writes the rest after <eot> (CE on them).
 
 The teacher runs once, with gradients (its CE trains it); the distillation target is that same
 forward's hidden states, detached — not a second no_grad run with other dropout masks. The question
@@ -79,6 +81,13 @@ def match_embedding_scale(projection: LatentProjection, model) -> float:
     return rms
 
 
+def stage_at(step: int, cfg: Config) -> int:
+    """The gradual schedule's stage at an optimizer step: 1, 2, … every `gradual_steps_per_stage`
+    steps, then `num_latents` (plain CODI) for good; 0 (plain CODI) when the schedule is off."""
+    every = cfg.method.codi.gradual_steps_per_stage
+    return min(1 + step // every, cfg.method.num_latents) if every else 0
+
+
 def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
     tok = loaded.tokenizer
     bot, eot, eos = loaded.token_ids["bot"], loaded.token_ids["eot"], tok.eos_token_id
@@ -86,33 +95,37 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
     after_reasoning = cfg.method.codi.distill_position == "after_reasoning"
 
     def collate(examples, stage: int = 0) -> dict:
+        # 0 < stage < n: the gradual schedule's stage k = `stage` latents, the student writes the rest.
+        k = stage if 0 < stage < cfg.method.num_latents else None
         t_prompts, t_suffixes, s_prompts, s_suffixes, s_labels = [], [], [], [], []
         t_pos, s_pos = [], []
         for ex in examples:
             question = encode_prompt(tok, ex.question)
             steps = list(ex.steps) if include_last else list(ex.steps)[:-1]
             step_ids = encode(tok, "".join(s + "\n" for s in steps))
+            rest_ids = encode(tok, "".join(s + "\n" for s in steps[k:])) if k else []   # the student's text
             answer, first = answer_segment(tok, ex.answer)     # first: index of the answer's first token
             t_prompts.append(question)
             t_suffixes.append(step_ids + answer + [eos])
             s_prompts.append(question + [bot])
-            s_suffixes.append([eot] + answer + [eos])
-            s_labels.append([IGNORE_INDEX] + answer + [eos])     # <eot> is given, not predicted
+            s_suffixes.append([eot] + rest_ids + answer + [eos])
+            s_labels.append([IGNORE_INDEX] + rest_ids + answer + [eos])     # <eot> is given, not predicted
             if after_reasoning:                                  # columns that predict the answer text
                 if not step_ids:
                     raise ValueError(f"{ex.source_id}: method.codi.distill_position=after_reasoning needs a "
                                      "written step before the answer in the teacher's text; this example "
                                      f"has {len(ex.steps)} step(s) and include_last_step={include_last}")
                 t_pos.append(len(step_ids) - 1)                  # the last CoT token
-                s_pos.append(0)                                  # <eot>
+                s_pos.append(len(rest_ids))                      # <eot>, or the last token it writes
             else:                                                # the column that predicts its number
                 t_pos.append(len(step_ids) + first - 1)
-                s_pos.append(first)                              # = 1 + first - 1, after <eot>
+                s_pos.append(len(rest_ids) + first)              # = 1 + rest + first - 1, after <eot>
         batch = pad_batch(t_prompts, t_suffixes, t_suffixes, tok.pad_token_id, prefix="teacher_")
         batch.update(pad_batch(s_prompts, s_suffixes, s_labels, tok.pad_token_id, prefix="student_"))
         batch["teacher_pos"] = torch.tensor(t_pos, dtype=torch.long)              # [B], suffix coords
         batch["student_pos"] = torch.tensor(s_pos, dtype=torch.long)              # [B], suffix coords
-        batch["latent_steps"] = [list(ex.steps) for ex in examples]               # for SIM-CoT
+        batch["num_latents"] = k or cfg.method.num_latents                       # the same on every rank
+        batch["latent_steps"] = [list(ex.steps)[:k] if k else list(ex.steps) for ex in examples]  # SIM-CoT
         return batch
 
     return collate
@@ -178,7 +191,7 @@ def run(parts: nn.ModuleDict, batch: dict, cfg: Config, ctx: StepContext) -> Met
     # Student: after question + <bot>, n projected latents over the KV cache, then <eot> + answer.
     # Only the last latent's logits are read (they predict <eot>, which is given: label ignored).
     projection = optional_part(parts, "projection")
-    latents, state, outs = rollout_latents(lm, state, cfg.method.num_latents, project=projection, logits_to_keep=1)
+    latents, state, outs = rollout_latents(lm, state, b["num_latents"], project=projection, logits_to_keep=1)
     student, _ = forward_step(lm, embed(lm, b["student_suffix_ids"]), b["student_suffix_mask"], state)
     s_loss, s_mask = token_ce(suffix_logits(outs[-1].logits[:, -1:], student.logits), b["student_suffix_labels"])
     student_h = _gather(student.hidden_states, b["student_pos"])

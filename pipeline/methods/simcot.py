@@ -55,8 +55,8 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
             counts = batch["latent_active"].sum(1).tolist()         # latents each row uses
             width = batch["latent_active"].shape[1]
         else:
-            counts = [cfg.method.num_latents] * len(examples)
-            width = cfg.method.num_latents
+            width = batch["num_latents"]                            # fewer at a gradual CODI stage
+            counts = [width] * len(examples)
         repeat = cfg.method.simcot.extra_latents == "repeat_last"
         targets = [step_decoder.align_steps(steps, n, per_step, repeat_last=repeat) + [None] * (width - n)
                    for steps, n in zip(batch["latent_steps"], counts)]

@@ -100,6 +100,10 @@ ABLATIONS: dict[str, MethodSpec] = {m.label: m for m in (
                {**_SIMCOT, "method.simcot.explain_weight": 3.0}, simcot=True),
     MethodSpec("simcot_distill_end", "CODI + SIM-CoT, full decoder, distilled where the reasoning ends (<eot>)",
                {**_SIMCOT, "method.codi.distill_position": "after_reasoning"}, simcot=True),
+    # Curriculum for CODI: stages 1-5 (k latents for the first k steps, the rest written) 100 steps each,
+    # as Coconut's stages here, then plain CODI from step 500 to the recipe's 1,200.
+    MethodSpec("simcot_gradual", "CODI + SIM-CoT, full decoder, gradual schedule (a stage per 100 steps)",
+               {**_SIMCOT, "method.codi.gradual_steps_per_stage": 100}, simcot=True),
     # Initialisation: the CoT-SFT export of the same seed, fine-tuned for the recipe's 1,200 steps at
     # a third of its learning rate (a fine-tune's; the CoT-SFT weights already hold the task).
     MethodSpec("simcot_fromcot", "CODI + SIM-CoT, full decoder, from the CoT-SFT model (lr 3e-4)",

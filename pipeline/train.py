@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pipeline._lazy import LazyModule
 from pipeline.checkpoint_files import CheckpointError
-from pipeline.config import Config, ConfigError, dump_config, load_config
+from pipeline.config import Config, ConfigError, dump_config, load_config, on_codi
 from pipeline.data.sources import DataError, read_section
 
 # Imported on first use, so that main() rejects a bad config or data file before torch loads.
@@ -154,10 +154,6 @@ def curriculum_stage(cfg: Config, epoch: int, step: int = 0) -> int:
     if uses_curriculum(cfg):
         return method_module("coconut").stage_at(epoch, step, cfg)
     return method_module("codi").stage_at(step, cfg) if on_codi(cfg) else 0
-
-
-def on_codi(cfg: Config) -> bool:
-    return cfg.method.name == "codi" or (cfg.method.name == "simcot" and cfg.method.simcot.base == "codi")
 
 
 def resets_optimizer_for_epoch(cfg: Config, epoch: int) -> bool:

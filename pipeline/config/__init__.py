@@ -14,12 +14,12 @@ from pipeline.config.schema import (
     Config, ConfigError, DataConfig, DataSource, DeepSpeedConfig, EvalConfig, LoraConfig, MethodConfig, ModelConfig,
     SimCotConfig, SoftCoTConfig, TinyModelConfig, TrainConfig, smollm2_gguf_dir,
 )
-from pipeline.config.validation import LATENT_METHODS, resolve_ds_template, validate
+from pipeline.config.validation import LATENT_METHODS, on_codi, resolve_ds_template, validate
 
 __all__ = [
     "DEFAULT_TRAIN_FILE", "DS_CONFIG_DIR", "LATENT_METHODS", "METHODS", "REPO_ROOT", "SMOLLM2_ALIAS", "SMOLLM2_GGUF",
     "CoconutConfig", "CodiConfig", "Config", "ConfigError", "DataConfig", "DataSource", "DeepSpeedConfig",
     "EvalConfig", "LoraConfig", "MethodConfig", "ModelConfig", "SimCotConfig", "SoftCoTConfig", "TinyModelConfig",
-    "TrainConfig", "config_to_dict", "dump_config", "load_config", "resolve_ds_template", "smollm2_gguf_dir",
+    "TrainConfig", "config_to_dict", "dump_config", "load_config", "on_codi", "resolve_ds_template", "smollm2_gguf_dir",
     "validate",
 ]

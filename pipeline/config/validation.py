@@ -12,6 +12,11 @@ from pipeline.config.schema import DS_CONFIG_DIR, Config, ConfigError
 LATENT_METHODS = ("coconut", "codi", "simcot")
 
 
+def on_codi(cfg: Config) -> bool:
+    """CODI, or SIM-CoT on CODI: the runs that read method.codi."""
+    return cfg.method.name == "codi" or (cfg.method.name == "simcot" and cfg.method.simcot.base == "codi")
+
+
 def resolve_ds_template(template: str) -> Path:
     """`zero3` → ds_configs/zero3.json; anything else is taken as a path."""
     named = DS_CONFIG_DIR / f"{template}.json"
@@ -118,13 +123,13 @@ def validate(cfg: Config, where=lambda dotted: "") -> None:
 
     # Method combinations.
     latent = cfg.method.name in LATENT_METHODS
-    on_codi = cfg.method.name == "codi" or (cfg.method.name == "simcot" and cfg.method.simcot.base == "codi")
-    if on_codi and cfg.data.drop_last_step and not cfg.method.codi.include_last_step:
+    codi = on_codi(cfg)
+    if codi and cfg.data.drop_last_step and not cfg.method.codi.include_last_step:
         # Both remove the final step: the teacher would silently train without the last two.
         fail("data.drop_last_step", "true together with method.codi.include_last_step=false drops the last "
              "two steps from CODI's teacher; CODI already drops the last step, so set data.drop_last_step=false "
              "(or method.codi.include_last_step=true to drop exactly one)")
-    if on_codi and cfg.method.codi.gradual_steps_per_stage and cfg.method.name == "simcot" \
+    if codi and cfg.method.codi.gradual_steps_per_stage and cfg.method.name == "simcot" \
             and cfg.method.simcot.latents_per_step != 1:
         # Stage k has k latents for the first k steps: one latent per step.
         fail("method.codi.gradual_steps_per_stage", "needs method.simcot.latents_per_step=1 (stage k replaces "

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import on_codi
+
 from .example import DataFormatError, Example
 from .readers import _SPLIT_FILES, ReadResult, _display_name, read_source
 from .views import exclude_questions, missing_natural_language, with_step_text
@@ -114,7 +116,7 @@ def _check_distill_position(cfg, examples, section: str) -> None:
     the last step (include_last_step=false, the default) a 1-step problem (GSM8k-Aug has them) has
     none, and the run would otherwise stop at the first batch that holds one."""
     codi = cfg.method.codi
-    if cfg.method.name not in ("codi", "simcot") or codi.distill_position != "after_reasoning":
+    if not on_codi(cfg) or codi.distill_position != "after_reasoning":
         return
     needed = 1 if codi.include_last_step else 2
     for ex in examples:

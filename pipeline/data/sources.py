@@ -20,7 +20,7 @@ from .example import DataFormatError, Example
 from .readers import _SPLIT_FILES, ReadResult, _display_name, read_source
 from .views import exclude_questions, missing_natural_language, with_step_text
 
-__all__ = ["DataError", "SectionData", "format_error", "read_section", "resolve_file", "write_skipped"]
+__all__ = ["DataError", "SectionData", "check_written_step", "format_error", "read_section", "resolve_file", "write_skipped"]
 
 SKIPPED_FILE = "skipped_examples.txt"
 
@@ -118,13 +118,18 @@ def _check_distill_position(cfg, examples, section: str) -> None:
     codi = cfg.method.codi
     if not on_codi(cfg) or codi.distill_position != "after_reasoning":
         return
-    needed = 1 if codi.include_last_step else 2
     for ex in examples:
-        if len(ex.steps) < needed:
-            raise DataError(f"{ex.source_id}: method.codi.distill_position=after_reasoning needs a written "
-                            f"step before the answer in the teacher's text; this data.{section} example has "
-                            f"{len(ex.steps)} step(s) and include_last_step={codi.include_last_step} (keep "
-                            "the last step, filter the data, or distil before_answer)")
+        check_written_step(ex, codi.include_last_step, f"data.{section} example")
+
+
+def check_written_step(ex, include_last_step: bool, what: str = "example") -> None:
+    """DataError unless the teacher's text of `ex` keeps a written step (distill_position=after_reasoning);
+    the codi collate calls it too, for batches built outside `read_section`."""
+    if len(ex.steps) < (1 if include_last_step else 2):
+        raise DataError(f"{ex.source_id}: method.codi.distill_position=after_reasoning needs a written "
+                        f"step before the answer in the teacher's text; this {what} has {len(ex.steps)} "
+                        f"step(s) and include_last_step={include_last_step} (keep the last step, filter the "
+                        "data, or distil before_answer)")
 
 
 def _check_socratic_target(cfg, examples) -> None:

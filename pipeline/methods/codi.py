@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import Config
+from pipeline.data.sources import check_written_step
 from pipeline.latent import branch, embed, forward_step, positions_from_mask, rollout_latents
 from pipeline.losses import IGNORE_INDEX, layerwise_distill, reduce_tokens, share, token_ce
 from pipeline.methods import MethodOutput, StepContext
@@ -111,10 +112,7 @@ def make_collate(cfg: Config, loaded, parts: nn.ModuleDict):
             s_suffixes.append([eot] + rest_ids + answer + [eos])
             s_labels.append([IGNORE_INDEX] + rest_ids + answer + [eos])     # <eot> is given, not predicted
             if after_reasoning:                                  # columns that predict the answer text
-                if not step_ids:
-                    raise ValueError(f"{ex.source_id}: method.codi.distill_position=after_reasoning needs a "
-                                     "written step before the answer in the teacher's text; this example "
-                                     f"has {len(ex.steps)} step(s) and include_last_step={include_last}")
+                check_written_step(ex, include_last)
                 t_pos.append(len(step_ids) - 1)                  # the last CoT token
                 s_pos.append(len(rest_ids))                      # <eot>, or the last token it writes
             else:                                                # the column that predicts its number
